@@ -1,0 +1,165 @@
+"""Multi-token loss: L = sum_i w_i * mean_t CE(head_i(t), token t + offset_i).
+
+The memory-efficient path (the paper's §2 and Fig. S11) runs the trunk once, then each head's forward
+and backward in turn from the detached trunk output, then one backward through the trunk. Within a
+head, cross-entropy is chunked over positions, so at most (chunk_size, V) logits exist at a time.
+Peak memory goes from O(N V) to O(V) per position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from multitoken.model import MultiTokenLM
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 2048
+
+
+def build_targets(
+    tokens_BT: Tensor, offsets: list[int], *, sep_id: int | None = None, pad_id: int | None = None
+) -> Tensor:
+    """Targets of shape (B, T, N): head i's target at position t is tokens[t + offsets[i]].
+
+    Positions without a target are IGNORE_INDEX: past the end of the window, padding, and targets
+    beyond a document separator (a head may predict the separator itself, never the next document).
+    """
+    B, T = tokens_BT.shape
+    targets_BTN = torch.full((B, T, len(offsets)), IGNORE_INDEX, dtype=torch.long, device=tokens_BT.device)
+    if sep_id is not None:
+        seps_seen_BT = (tokens_BT == sep_id).long().cumsum(dim=1)
+    for i, k in enumerate(offsets):
+        if k >= T:
+            continue
+        target_BT = tokens_BT[:, k:].clone()
+        if sep_id is not None and k > 1:
+            # A separator at t+1 .. t+k-1 means the target lies in the next document.
+            crosses_BT = seps_seen_BT[:, k - 1 : T - 1] != seps_seen_BT[:, : T - k]
+            target_BT[crosses_BT] = IGNORE_INDEX
+        if pad_id is not None:
+            target_BT[(target_BT == pad_id) | (tokens_BT[:, : T - k] == pad_id)] = IGNORE_INDEX
+        targets_BTN[:, : T - k, i] = target_BT
+    return targets_BTN
+
+
+def target_counts(targets_BTN: Tensor) -> Tensor:
+    """Number of real targets per head, shape (N,)."""
+    return (targets_BTN != IGNORE_INDEX).sum(dim=(0, 1))
+
+
+def _head_backward(model: MultiTokenLM, z_BTD: Tensor, target_BT: Tensor, scale: float, chunk_size: int) -> Tensor:
+    """Backward of scale * sum CE for one head, chunked over its valid positions; returns the CE sum."""
+    valid_M = (target_BT.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    z_MD = z_BTD.reshape(-1, z_BTD.shape[-1]).index_select(0, valid_M)
+    target_M = target_BT.reshape(-1).index_select(0, valid_M)
+    z_detached_MD = z_MD.detach().requires_grad_()
+    loss_sum = torch.zeros((), device=z_BTD.device)
+    for start in range(0, target_M.numel(), chunk_size):
+        logits_CV = model.logits(z_detached_MD[start : start + chunk_size])
+        chunk_loss = F.cross_entropy(logits_CV.float(), target_M[start : start + chunk_size], reduction="sum")
+        (chunk_loss * scale).backward()
+        loss_sum += chunk_loss.detach()
+    if z_detached_MD.grad is not None:
+        z_MD.backward(z_detached_MD.grad)
+    return loss_sum
+
+
+def multi_token_backward(
+    model: MultiTokenLM,
+    tokens_BT: Tensor,
+    *,
+    memory_efficient: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    sep_id: int | None = None,
+    pad_id: int | None = None,
+    normalizer_N: Tensor | None = None,
+    loss_scale: float = 1.0,
+) -> list[float]:
+    """Forward and backward for one batch; gradients accumulate in `.grad`. Returns per-head mean losses.
+
+    Each head's loss is its cross-entropy sum divided by `normalizer_N[i]` (default: its number of
+    targets in this batch), weighted by `config.loss_weights[i]` and scaled by `loss_scale`. Passing the
+    target counts of the whole global batch makes gradients independent of how it is split across
+    micro-batches and ranks. Heads with weight 0 are skipped and reported as NaN.
+    """
+    config = model.config
+    targets_BTN = build_targets(tokens_BT, config.head_offsets, sep_id=sep_id, pad_id=pad_id)
+    counts_N = target_counts(targets_BTN)
+    if normalizer_N is None:
+        normalizer_N = counts_N
+    normalizer_N = normalizer_N.clamp(min=1).tolist()
+    weights = config.loss_weights
+    if not memory_efficient:
+        return _naive_backward(model, tokens_BT, targets_BTN, counts_N, normalizer_N, loss_scale)
+
+    rope = model.rope_context(tokens_BT, None)
+    h_BTD = model.trunk_forward(tokens_BT, rope)
+    sequential = config.head_style == "sequential"
+    # Roots are where head gradients are gathered: the trunk output, or every depth of the sequential chain.
+    roots = model.head_states(h_BTD, tokens_BT, rope) if sequential else [h_BTD]
+    detached_roots = [r.detach().requires_grad_() for r in roots]
+
+    losses: list[float] = []
+    for i in range(config.n_future):
+        if weights[i] == 0:
+            losses.append(float("nan"))
+            continue
+        root = detached_roots[i if sequential else 0]
+        z_BTD = root if sequential else model.head_forward(i, root, rope)
+        scale = loss_scale * weights[i] / normalizer_N[i]
+        loss_sum = _head_backward(model, z_BTD, targets_BTN[..., i], scale, chunk_size)
+        losses.append(loss_sum.item() / max(int(counts_N[i]), 1))
+
+    pairs = [(r, d.grad) for r, d in zip(roots, detached_roots, strict=True) if d.grad is not None]
+    if pairs:
+        torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
+    return losses
+
+
+def _naive_backward(model, tokens_BT, targets_BTN, counts_N, normalizer_N, loss_scale) -> list[float]:
+    """Reference path: all heads' full logits at once, one summed loss, one backward."""
+    logits_BTNV = model(tokens_BT)
+    total = torch.zeros((), device=tokens_BT.device)
+    losses = []
+    for i, weight in enumerate(model.config.loss_weights):
+        if weight == 0:
+            losses.append(float("nan"))
+            continue
+        loss_sum = F.cross_entropy(
+            logits_BTNV[:, :, i].flatten(0, 1).float(), targets_BTN[..., i].flatten(), reduction="sum"
+        )
+        total = total + weight * loss_sum / normalizer_N[i]
+        losses.append(loss_sum.item() / max(int(counts_N[i]), 1))
+    (total * loss_scale).backward()
+    return losses
+
+
+@torch.no_grad()
+def head_metrics(
+    model: MultiTokenLM,
+    tokens_BT: Tensor,
+    *,
+    sep_id: int | None = None,
+    pad_id: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-head sums for evaluation: (CE sum, top-1 correct, target count), each shape (N,)."""
+    config = model.config
+    targets_BTN = build_targets(tokens_BT, config.head_offsets, sep_id=sep_id, pad_id=pad_id)
+    rope = model.rope_context(tokens_BT, None)
+    states = model.head_states(model.trunk_forward(tokens_BT, rope), tokens_BT, rope)
+    loss_N = torch.zeros(config.n_future, dtype=torch.float64)
+    correct_N = torch.zeros(config.n_future, dtype=torch.long)
+    for i, z_BTD in enumerate(states):
+        target_M = targets_BTN[..., i].reshape(-1)
+        valid_M = (target_M != IGNORE_INDEX).nonzero().squeeze(1)
+        z_MD = z_BTD.reshape(-1, z_BTD.shape[-1]).index_select(0, valid_M)
+        target_M = target_M.index_select(0, valid_M)
+        for start in range(0, target_M.numel(), chunk_size):
+            logits_CV = model.logits(z_MD[start : start + chunk_size]).float()
+            target_C = target_M[start : start + chunk_size]
+            loss_N[i] += F.cross_entropy(logits_CV, target_C, reduction="sum").item()
+            correct_N[i] += (logits_CV.argmax(-1) == target_C).sum().item()
+    return loss_N, correct_N, target_counts(targets_BTN).cpu()

@@ -1,0 +1,301 @@
+"""A Llama-style decoder with n future-token heads on a shared trunk.
+
+Dimension legend:
+    B  batch                      T  query positions in this call
+    S  key positions (cache)      D  model width (dim)
+    H  query heads                K  key/value heads (GQA)
+    E  per-head width (head_dim)  F  MLP hidden width
+    N  output heads (n_future)    V  vocabulary
+
+Layout: tok_embeddings -> trunk blocks -> heads[i] -> norm -> output. Head i at position t predicts
+token t + head_offsets[i]. With n_future = 1 and the transformer head style this is exactly a
+Llama: trunk = layers[:-1], heads[0] = layers[-1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from multitoken.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        x_float = x_BTD.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x_BTD) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape (max_seq_len, head_dim), in the rotate-half layout that HF Llama uses."""
+    inv_freq_E2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles_SE2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq_E2)
+    angles_SE = torch.cat([angles_SE2, angles_SE2], dim=-1)
+    return angles_SE.cos(), angles_SE.sin()
+
+
+def apply_rope(x_BHTE: Tensor, cos_BTE: Tensor, sin_BTE: Tensor) -> Tensor:
+    half = x_BHTE.shape[-1] // 2
+    rotated_BHTE = torch.cat([-x_BHTE[..., half:], x_BHTE[..., :half]], dim=-1)
+    cos_B1TE, sin_B1TE = cos_BTE.unsqueeze(1), sin_BTE.unsqueeze(1)
+    return (x_BHTE.float() * cos_B1TE + rotated_BHTE.float() * sin_B1TE).type_as(x_BHTE)
+
+
+class KVCache(nn.Module):
+    """Static, preallocated keys and values, written in place at each row's own positions.
+
+    Rolling back rejected draft tokens needs no copy: the caller just doesn't advance its position,
+    and stale entries beyond a query's position are masked out until they are overwritten.
+    """
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k_cache_BSKE", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache_BSKE", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos_BT: Tensor, k_BKTE: Tensor, v_BKTE: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this call's keys/values and return the whole cache as (B, K, S, E) views."""
+        batch = k_BKTE.shape[0]
+        rows_B1 = torch.arange(batch, device=input_pos_BT.device).unsqueeze(1)
+        self.k_cache_BSKE[rows_B1, input_pos_BT] = k_BKTE.transpose(1, 2).to(self.k_cache_BSKE.dtype)
+        self.v_cache_BSKE[rows_B1, input_pos_BT] = v_BKTE.transpose(1, 2).to(self.v_cache_BSKE.dtype)
+        return self.k_cache_BSKE[:batch].transpose(1, 2), self.v_cache_BSKE[:batch].transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x_BTD: Tensor, rope: RopeContext) -> Tensor:
+        B, T, _ = x_BTD.shape
+        q_BHTE = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BKTE = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BKTE = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHTE = apply_rope(q_BHTE, rope.cos_BTE, rope.sin_BTE)
+        k_BKTE = apply_rope(k_BKTE, rope.cos_BTE, rope.sin_BTE)
+        if rope.input_pos_BT is not None and self.kv_cache is not None:
+            k_BKTE, v_BKTE = self.kv_cache.update(rope.input_pos_BT, k_BKTE, v_BKTE)
+        y_BHTE = F.scaled_dot_product_attention(
+            q_BHTE,
+            k_BKTE,
+            v_BKTE,
+            attn_mask=rope.mask_B1TS,
+            is_causal=rope.mask_B1TS is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(y_BHTE.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = SwiGLU(config.dim, config.ffn_hidden)
+
+    def forward(self, x_BTD: Tensor, rope: RopeContext) -> Tensor:
+        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope)
+        return h_BTD + self.mlp(self.ffn_norm(h_BTD))
+
+
+class LinearHead(nn.Module):
+    """Medusa's residual head x + SiLU(W x); W starts at zero so the head starts as the identity."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x_BTD: Tensor, rope: RopeContext) -> Tensor:
+        return x_BTD + F.silu(self.proj(x_BTD))
+
+
+class SequentialHead(nn.Module):
+    """DeepSeek-V3's MTP module: Block(W [RMSNorm(h_prev); RMSNorm(emb(next token))])."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.hidden_norm = RMSNorm(config.dim, config.norm_eps)
+        self.embed_norm = RMSNorm(config.dim, config.norm_eps)
+        self.proj = nn.Linear(2 * config.dim, config.dim, bias=False)
+        self.block = Block(config)
+
+    def forward(self, h_prev_BTD: Tensor, next_emb_BTD: Tensor, rope: RopeContext) -> Tensor:
+        x_BTD = self.proj(torch.cat([self.hidden_norm(h_prev_BTD), self.embed_norm(next_emb_BTD)], dim=-1))
+        return self.block(x_BTD, rope)
+
+
+class Identity(nn.Module):
+    """The next-token head of the linear and sequential styles: the trunk output itself."""
+
+    def forward(self, x_BTD: Tensor, rope: RopeContext) -> Tensor:
+        return x_BTD
+
+
+class RopeContext:
+    """Per-call position data shared by every block: RoPE rows, cache positions and the attention mask."""
+
+    def __init__(self, cos_BTE: Tensor, sin_BTE: Tensor, input_pos_BT: Tensor | None, mask_B1TS: Tensor | None):
+        self.cos_BTE, self.sin_BTE = cos_BTE, sin_BTE
+        self.input_pos_BT, self.mask_B1TS = input_pos_BT, mask_B1TS
+
+
+class MultiTokenLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.trunk = nn.ModuleList(Block(config) for _ in range(config.n_trunk_layers))
+        self.heads = nn.ModuleList(self._make_head(i) for i in range(config.n_future))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos_SE, sin_SE = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos_SE", cos_SE, persistent=False)
+        self.register_buffer("rope_sin_SE", sin_SE, persistent=False)
+        self.reset_parameters()
+
+    def _make_head(self, index: int) -> nn.Module:
+        style = self.config.head_style
+        if style == "transformer":
+            return Block(self.config)
+        if index == 0:
+            return Identity()
+        return LinearHead(self.config) if style == "linear" else SequentialHead(self.config)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, init_std), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.config.init_std
+        for name, param in self.named_parameters():
+            if param.dim() < 2:
+                continue
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(param, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            elif isinstance(self._module_of(name), LinearHead):
+                nn.init.zeros_(param)
+            else:
+                nn.init.normal_(param, 0.0, std)
+
+    def _module_of(self, param_name: str) -> nn.Module:
+        return self.get_submodule(param_name.rsplit(".", 1)[0])
+
+    # ---- positions and caches -------------------------------------------------------------------
+
+    def rope_context(self, tokens_BT: Tensor, input_pos_BT: Tensor | None) -> RopeContext:
+        """Without input_pos: a plain causal pass from position 0. With it: per-row positions into the cache."""
+        T = tokens_BT.shape[1]
+        if input_pos_BT is None:
+            cos_TE, sin_TE = self.rope_cos_SE[:T], self.rope_sin_SE[:T]
+            return RopeContext(cos_TE.unsqueeze(0), sin_TE.unsqueeze(0), None, None)
+        cos_BTE, sin_BTE = self.rope_cos_SE[input_pos_BT], self.rope_sin_SE[input_pos_BT]
+        cache_len = self.cache_len()
+        key_pos_S = torch.arange(cache_len, device=tokens_BT.device)
+        mask_B1TS = (key_pos_S.view(1, 1, 1, -1) <= input_pos_BT.unsqueeze(1).unsqueeze(-1))
+        return RopeContext(cos_BTE, sin_BTE, input_pos_BT, mask_B1TS)
+
+    def attention_modules(self) -> list[Attention]:
+        return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def setup_caches(self, batch_size: int, max_seq_len: int | None = None, dtype=None) -> None:
+        """Allocate a static KV cache for every attention layer: trunk, transformer and sequential heads."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"cache of {max_seq_len} positions exceeds max_seq_len={self.config.max_seq_len}")
+        dtype = dtype or self.output.weight.dtype
+        device = self.output.weight.device
+        for attn in self.attention_modules():
+            attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype, device)
+
+    def clear_caches(self) -> None:
+        for attn in self.attention_modules():
+            attn.kv_cache = None
+
+    def cache_len(self) -> int:
+        caches = [a.kv_cache for a in self.attention_modules() if a.kv_cache is not None]
+        if not caches:
+            raise RuntimeError("input_pos given but no KV cache: call setup_caches() first")
+        return caches[0].k_cache_BSKE.shape[1]
+
+    # ---- forward pieces -------------------------------------------------------------------------
+
+    def trunk_forward(self, tokens_BT: Tensor, rope: RopeContext) -> Tensor:
+        """Embeddings through the shared trunk: the hidden state every head starts from."""
+        h_BTD = self.tok_embeddings(tokens_BT)
+        for block in self.trunk:
+            h_BTD = block(h_BTD, rope)
+        return h_BTD
+
+    def head_forward(self, index: int, h_BTD: Tensor, rope: RopeContext, next_tokens_BT: Tensor | None = None) -> Tensor:
+        """Head `index`'s pre-norm output.
+
+        Parallel styles take the trunk output `h_BTD`. Sequential heads take the previous depth's
+        output and the tokens at t + index (`next_tokens_BT`), as in DeepSeek-V3.
+        """
+        head = self.heads[index]
+        if isinstance(head, SequentialHead):
+            if next_tokens_BT is None:
+                raise ValueError("a sequential head needs the tokens at t + index")
+            return head(h_BTD, self.tok_embeddings(next_tokens_BT), rope)
+        return head(h_BTD, rope)
+
+    def head_states(self, h_BTD: Tensor, tokens_BT: Tensor, rope: RopeContext) -> list[Tensor]:
+        """Every head's pre-norm output for a sequence whose future tokens are known (training, scoring)."""
+        if self.config.head_style != "sequential":
+            return [self.head_forward(i, h_BTD, rope) for i in range(self.config.n_future)]
+        states = [self.head_forward(0, h_BTD, rope)]
+        for k in range(1, self.config.n_future):
+            states.append(self.head_forward(k, states[-1], rope, shift_left(tokens_BT, k)))
+        return states
+
+    def logits(self, z_BTD: Tensor) -> Tensor:
+        """Shared final norm and unembedding."""
+        return self.output(self.norm(z_BTD))
+
+    def forward(self, tokens_BT: Tensor, input_pos_BT: Tensor | None = None) -> Tensor:
+        """Logits of every head, shape (B, T, N, V). For inspection and tests; training never needs them all."""
+        rope = self.rope_context(tokens_BT, input_pos_BT)
+        h_BTD = self.trunk_forward(tokens_BT, rope)
+        return torch.stack([self.logits(z) for z in self.head_states(h_BTD, tokens_BT, rope)], dim=2)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.tok_embeddings.weight.numel()
+        return total
+
+
+def shift_left(tokens_BT: Tensor, k: int) -> Tensor:
+    """tokens[:, t + k] at position t; the last k positions, which have no such token, repeat token 0."""
+    if k == 0:
+        return tokens_BT
+    pad_BK = torch.zeros_like(tokens_BT[:, :k])
+    return torch.cat([tokens_BT[:, k:], pad_BK], dim=1)
