@@ -1,6 +1,7 @@
 """multitoken: train, evaluate and serve multi-token-prediction language models."""
 
 from multitoken.config import ModelConfig, preset_config
+from multitoken.generate import generate
 from multitoken.model import MultiTokenLM
 
 __version__ = "0.1.0"
@@ -16,10 +17,6 @@ def __getattr__(name: str):
         from multitoken.interop import from_hf_llama
 
         return from_hf_llama
-    if name == "generate":
-        from multitoken.generate import generate
-
-        return generate
     raise AttributeError(f"module 'multitoken' has no attribute {name!r}")
 
 

@@ -76,7 +76,9 @@ class ModelConfig:
         if self.head_style not in HEAD_STYLES:
             raise UserError(f"head_style must be one of {', '.join(HEAD_STYLES)}, got {self.head_style!r}")
         if self.n_future > self.n_layers:
-            raise UserError(f"n_future={self.n_future} heads need at least as many layers, got n_layers={self.n_layers}")
+            raise UserError(
+                f"n_future={self.n_future} heads need at least as many layers, got n_layers={self.n_layers}"
+            )
         if self.vocab_size < 2 or self.dim < 1 or self.n_heads < 1:
             raise UserError("vocab_size must be at least 2, and dim and n_heads at least 1")
         if self.dim % self.n_heads:
@@ -94,7 +96,9 @@ class ModelConfig:
         if len(self.loss_weights) != self.n_future:
             raise UserError(f"loss_weights has {len(self.loss_weights)} entries but n_future={self.n_future}")
         if any(w < 0 for w in self.loss_weights) or not any(w > 0 for w in self.loss_weights):
-            raise UserError(f"loss_weights must be non-negative with at least one positive, got {self.loss_weights}")
+            raise UserError(
+                f"loss_weights must be non-negative with at least one positive, got {self.loss_weights}"
+            )
         if self.max_seq_len < 1:
             raise UserError(f"max_seq_len must be positive, got {self.max_seq_len}")
         if self.n_trunk_layers < 0:

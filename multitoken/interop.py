@@ -28,9 +28,14 @@ _BLOCK_KEYS = {
 }
 
 
-def config_from_hf(hf_config: LlamaConfig, *, n_future: int = 1, head_style: str = "transformer") -> ModelConfig:
+def config_from_hf(
+    hf_config: LlamaConfig, *, n_future: int = 1, head_style: str = "transformer"
+) -> ModelConfig:
     """A ModelConfig with the HF Llama's shape; extra heads stack on top of all its layers."""
-    rope = getattr(hf_config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": hf_config.rope_theta}
+    rope = getattr(hf_config, "rope_parameters", None) or {
+        "rope_type": "default",
+        "rope_theta": hf_config.rope_theta,
+    }
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"rope scaling {rope.get('rope_type')!r} is not supported; only plain RoPE")
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
@@ -73,9 +78,14 @@ def from_hf_llama(
     path_blocks = list(model.trunk) + ([model.heads[0]] if head_style == "transformer" else [])
     if len(path_blocks) != n_hf:
         raise RuntimeError(f"layer mismatch: {len(path_blocks)} blocks for {n_hf} HF layers")
-    state = {"tok_embeddings.weight": hf_state["model.embed_tokens.weight"], "norm.weight": hf_state["model.norm.weight"]}
+    state = {
+        "tok_embeddings.weight": hf_state["model.embed_tokens.weight"],
+        "norm.weight": hf_state["model.norm.weight"],
+    }
     state["output.weight"] = hf_state.get("lm_head.weight", hf_state["model.embed_tokens.weight"])
-    prefixes = [f"trunk.{i}." for i in range(len(model.trunk))] + (["heads.0."] if head_style == "transformer" else [])
+    prefixes = [f"trunk.{i}." for i in range(len(model.trunk))] + (
+        ["heads.0."] if head_style == "transformer" else []
+    )
     for layer, prefix in enumerate(prefixes):
         for ours, theirs in _BLOCK_KEYS.items():
             state[prefix + ours] = hf_state[f"model.layers.{layer}.{theirs}"]
@@ -84,9 +94,13 @@ def from_hf_llama(
             for ours, theirs in _BLOCK_KEYS.items():
                 state[f"heads.{i}.{ours}"] = hf_state[f"model.layers.{n_hf - 1}.{theirs}"].clone()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    allowed_missing = {k for k in model.state_dict() if k.startswith("heads.") and not k.startswith("heads.0.")}
+    allowed_missing = {
+        k for k in model.state_dict() if k.startswith("heads.") and not k.startswith("heads.0.")
+    }
     if unexpected or set(missing) - allowed_missing:
-        raise RuntimeError(f"weight mapping failed: missing {sorted(set(missing) - allowed_missing)}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"weight mapping failed: missing {sorted(set(missing) - allowed_missing)}, unexpected {unexpected}"
+        )
     return model
 
 
@@ -111,7 +125,10 @@ def to_hf_llama(model: MultiTokenLM) -> LlamaForCausalLM:
     )
     hf_model = LlamaForCausalLM(hf_config)
     ours = model.state_dict()
-    state = {"model.embed_tokens.weight": ours["tok_embeddings.weight"], "model.norm.weight": ours["norm.weight"]}
+    state = {
+        "model.embed_tokens.weight": ours["tok_embeddings.weight"],
+        "model.norm.weight": ours["norm.weight"],
+    }
     state["lm_head.weight"] = ours["output.weight"]
     prefixes = [f"trunk.{i}." for i in range(len(model.trunk))] + ["heads.0."]
     for layer, prefix in enumerate(prefixes):

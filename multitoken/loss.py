@@ -49,7 +49,9 @@ def target_counts(targets_BTN: Tensor) -> Tensor:
     return (targets_BTN != IGNORE_INDEX).sum(dim=(0, 1))
 
 
-def _head_backward(model: MultiTokenLM, z_BTD: Tensor, target_BT: Tensor, scale: float, chunk_size: int) -> Tensor:
+def _head_backward(
+    model: MultiTokenLM, z_BTD: Tensor, target_BT: Tensor, scale: float, chunk_size: int
+) -> Tensor:
     """Backward of scale * sum CE for one head, chunked over its valid positions; returns the CE sum."""
     valid_M = (target_BT.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
     z_MD = z_BTD.reshape(-1, z_BTD.shape[-1]).index_select(0, valid_M)

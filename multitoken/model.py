@@ -57,7 +57,9 @@ class KVCache(nn.Module):
     and stale entries beyond a query's position are masked out until they are overwritten.
     """
 
-    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device) -> None:
+    def __init__(
+        self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device
+    ) -> None:
         super().__init__()
         shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
         self.register_buffer("k_cache_BSKE", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -162,7 +164,9 @@ class Identity(nn.Module):
 class RopeContext:
     """Per-call position data shared by every block: RoPE rows, cache positions and the attention mask."""
 
-    def __init__(self, cos_BTE: Tensor, sin_BTE: Tensor, input_pos_BT: Tensor | None, mask_B1TS: Tensor | None):
+    def __init__(
+        self, cos_BTE: Tensor, sin_BTE: Tensor, input_pos_BT: Tensor | None, mask_B1TS: Tensor | None
+    ):
         self.cos_BTE, self.sin_BTE = cos_BTE, sin_BTE
         self.input_pos_BT, self.mask_B1TS = input_pos_BT, mask_B1TS
 
@@ -181,6 +185,7 @@ class MultiTokenLM(nn.Module):
         cos_SE, sin_SE = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos_SE", cos_SE, persistent=False)
         self.register_buffer("rope_sin_SE", sin_SE, persistent=False)
+        self._cache_len: int | None = None
         self.reset_parameters()
 
     def _make_head(self, index: int) -> nn.Module:
@@ -219,7 +224,7 @@ class MultiTokenLM(nn.Module):
         cos_BTE, sin_BTE = self.rope_cos_SE[input_pos_BT], self.rope_sin_SE[input_pos_BT]
         cache_len = self.cache_len()
         key_pos_S = torch.arange(cache_len, device=tokens_BT.device)
-        mask_B1TS = (key_pos_S.view(1, 1, 1, -1) <= input_pos_BT.unsqueeze(1).unsqueeze(-1))
+        mask_B1TS = key_pos_S.view(1, 1, 1, -1) <= input_pos_BT.unsqueeze(1).unsqueeze(-1)
         return RopeContext(cos_BTE, sin_BTE, input_pos_BT, mask_B1TS)
 
     def attention_modules(self) -> list[Attention]:
@@ -229,21 +234,24 @@ class MultiTokenLM(nn.Module):
         """Allocate a static KV cache for every attention layer: trunk, transformer and sequential heads."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
-            raise ValueError(f"cache of {max_seq_len} positions exceeds max_seq_len={self.config.max_seq_len}")
+            raise ValueError(
+                f"cache of {max_seq_len} positions exceeds max_seq_len={self.config.max_seq_len}"
+            )
         dtype = dtype or self.output.weight.dtype
         device = self.output.weight.device
         for attn in self.attention_modules():
             attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype, device)
+        self._cache_len = max_seq_len
 
     def clear_caches(self) -> None:
         for attn in self.attention_modules():
             attn.kv_cache = None
+        self._cache_len = None
 
     def cache_len(self) -> int:
-        caches = [a.kv_cache for a in self.attention_modules() if a.kv_cache is not None]
-        if not caches:
+        if self._cache_len is None:
             raise RuntimeError("input_pos given but no KV cache: call setup_caches() first")
-        return caches[0].k_cache_BSKE.shape[1]
+        return self._cache_len
 
     # ---- forward pieces -------------------------------------------------------------------------
 
@@ -254,7 +262,9 @@ class MultiTokenLM(nn.Module):
             h_BTD = block(h_BTD, rope)
         return h_BTD
 
-    def head_forward(self, index: int, h_BTD: Tensor, rope: RopeContext, next_tokens_BT: Tensor | None = None) -> Tensor:
+    def head_forward(
+        self, index: int, h_BTD: Tensor, rope: RopeContext, next_tokens_BT: Tensor | None = None
+    ) -> Tensor:
         """Head `index`'s pre-norm output.
 
         Parallel styles take the trunk output `h_BTD`. Sequential heads take the previous depth's

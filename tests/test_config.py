@@ -14,10 +14,18 @@ def test_defaults_derive_offsets_weights_and_width():
 
 @pytest.mark.parametrize(
     ("style", "matched", "trunk"),
-    [("transformer", True, 2), ("transformer", False, 5), ("sequential", True, 3), ("sequential", False, 6), ("linear", True, 6)],
+    [
+        ("transformer", True, 2),
+        ("transformer", False, 5),
+        ("sequential", True, 3),
+        ("sequential", False, 6),
+        ("linear", True, 6),
+    ],
 )
 def test_trunk_depth_keeps_parameter_matching(style, matched, trunk):
-    config = ModelConfig(vocab_size=97, dim=64, n_layers=6, n_heads=4, n_future=4, head_style=style, param_matched=matched)
+    config = ModelConfig(
+        vocab_size=97, dim=64, n_layers=6, n_heads=4, n_future=4, head_style=style, param_matched=matched
+    )
     assert config.n_trunk_layers == trunk
 
 

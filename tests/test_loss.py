@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HEAD_STYLES, tiny_model
 from multitoken.loss import IGNORE_INDEX, build_targets, head_metrics, multi_token_backward
+
+from conftest import HEAD_STYLES, tiny_model
 
 
 def grads(model):
@@ -58,7 +59,15 @@ def test_targets_stop_at_document_separators_and_padding():
     targets_BTN = build_targets(tokens_BT, [1, 2], sep_id=sep, pad_id=pad)
     assert targets_BTN[0, :, 0].tolist() == [6, sep, 7, 8, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
     # offset 2 from position 1 would cross the separator at 2 into the next document
-    assert targets_BTN[0, :, 1].tolist() == [sep, IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    assert targets_BTN[0, :, 1].tolist() == [
+        sep,
+        IGNORE_INDEX,
+        8,
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+    ]
 
 
 def test_zero_weight_heads_get_no_gradient_and_report_nan():
@@ -90,6 +99,8 @@ def test_head_metrics_match_full_logits():
     for i, k in enumerate([1, 2]):
         logits = logits_BTNV[:, :-k, i].flatten(0, 1)
         target = tokens_BT[:, k:].flatten()
-        assert loss_N[i].item() == pytest.approx(F.cross_entropy(logits, target, reduction="sum").item(), rel=1e-5)
+        assert loss_N[i].item() == pytest.approx(
+            F.cross_entropy(logits, target, reduction="sum").item(), rel=1e-5
+        )
         assert correct_N[i].item() == (logits.argmax(-1) == target).sum().item()
         assert count_N[i].item() == target.numel()

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from conftest import HEAD_STYLES, tiny_model
 from multitoken.model import shift_left
+
+from conftest import HEAD_STYLES, tiny_model
 
 
 @pytest.mark.parametrize("style", HEAD_STYLES)

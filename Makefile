@@ -1,0 +1,45 @@
+# Fresh machine: `make demo` or `make test` creates .venv and installs pinned dependencies first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MT := $(PY) -m multitoken
+STAMP := $(VENV)/.installed
+DEMO_DATA ?= data/stdlib-demo
+DEMO_RUN ?= runs/demo
+
+.PHONY: venv demo test test-all lint format bench clean
+
+venv: $(STAMP)
+
+# With CUDA present, reuse the installed torch; otherwise install the CPU wheel of torch 2.13.0.
+$(STAMP): pyproject.toml
+	@if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		python3 -m venv --system-site-packages $(VENV); \
+	else \
+		python3 -m venv $(VENV) && $(VENV)/bin/pip install --quiet torch==2.13.0; \
+	fi
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(MT) prepare --source python-stdlib --tokenizer bpe --vocab-size 4096 --out $(DEMO_DATA)
+	rm -rf $(DEMO_RUN)
+	$(MT) train --data $(DEMO_DATA) --preset tiny --n-future 4 --seq-len 256 --batch-size 16 \
+		--max-steps 400 --warmup-steps 40 --lr 2e-3 --val-every 200 --save-every 200 --out $(DEMO_RUN)
+	$(MT) generate --checkpoint $(DEMO_RUN) --prompt "def fibonacci(n):" --max-new-tokens 160 --stats --compare-plain
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,207 @@
+"""Decoding speed: plain vs self-speculative greedy decoding, and ours vs `transformers` generate().
+
+    python benchmarks/decode.py --checkpoint runs/demo --batch-sizes 1,8,32
+    python benchmarks/decode.py --preset debug --max-new-tokens 32        # random weights, seconds
+
+Every ratio is measured side by side in one run: the repeats alternate between the methods, and each
+figure is the median of the repeats. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from multitoken.config import preset_config
+from multitoken.generate import generate
+from multitoken.model import MultiTokenLM
+from multitoken.speculative import draft_depth
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="checkpoint or run directory; default: a random model")
+    parser.add_argument("--preset", default="debug", help="shape of the random model")
+    parser.add_argument("--n-future", type=int, default=4, help="heads of the random model")
+    parser.add_argument("--head-style", default="transformer", help="head style of the random model")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the random model")
+    parser.add_argument(
+        "--prompt-file", help="one text prompt per line (needs a checkpoint with a tokenizer)"
+    )
+    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per random prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--hf-batch-sizes", default="1,8", help="batch sizes for the transformers comparison")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA only)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def load_model(args, device: str):
+    """(model, tokenizer, description)."""
+    if args.checkpoint:
+        from multitoken.checkpoint import load_checkpoint
+
+        model, tokenizer = load_checkpoint(args.checkpoint, device=device)
+        return model, tokenizer, f"checkpoint {args.checkpoint}"
+    torch.manual_seed(args.seed)
+    config = preset_config(
+        args.preset, vocab_size=args.vocab_size, n_future=args.n_future, head_style=args.head_style
+    )
+    model = MultiTokenLM(config).to(device)
+    return (
+        model,
+        None,
+        f"RANDOM {args.preset} model (random weights rarely accept drafts: speedups are meaningless)",
+    )
+
+
+def make_prompts(args, model, tokenizer, batch_size: int) -> list[list[int]]:
+    if args.prompt_file:
+        if tokenizer is None:
+            raise SystemExit("--prompt-file needs a checkpoint with a tokenizer")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            texts = [line for line in f.read().splitlines() if line.strip()]
+        return [tokenizer.encode(texts[i % len(texts)]) for i in range(batch_size)]
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, args.prompt_len), generator=gen)
+    return ids.tolist()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def bench_speculative(args, model, prompts, device) -> dict:
+    """Median seconds of plain and speculative greedy decoding, alternating, plus the speculative stats."""
+
+    def run(speculative):
+        return generate(model, prompts, args.max_new_tokens, speculative=speculative, compile=args.compile)
+
+    run(False), run(True)  # warm-up (and compilation)
+    plain_s, spec_s, plain, spec = [], [], None, None
+    for _ in range(args.repeats):
+        t, plain = timed(lambda: run(False), device)
+        plain_s.append(t)
+        t, spec = timed(lambda: run(True), device)
+        spec_s.append(t)
+    speedup = statistics.median(plain_s) / statistics.median(spec_s)
+    tpf = spec.stats.tokens_per_forward
+    return {
+        "plain_tok_s": plain.stats.new_tokens / statistics.median(plain_s),
+        "spec_tok_s": spec.stats.new_tokens / statistics.median(spec_s),
+        "tokens_per_forward": tpf,
+        "acceptance": spec.stats.acceptance_per_head,
+        "speedup": speedup,
+        "efficiency": speedup / tpf,
+        "identical": plain.tokens == spec.tokens,
+    }
+
+
+def bench_hf(args, model, hf_model, prompts, device) -> dict:
+    """Median seconds of our plain greedy decoding and transformers' generate(), alternating."""
+    ids = torch.tensor(prompts, device=device)
+    n = args.max_new_tokens
+
+    def ours():
+        return generate(model, prompts, n, speculative=False, compile=args.compile)
+
+    def hf():
+        return hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
+
+    ours(), hf()
+    ours_s, hf_s, a, b = [], [], None, None
+    for _ in range(args.repeats):
+        t, a = timed(ours, device)
+        ours_s.append(t)
+        t, b = timed(hf, device)
+        hf_s.append(t)
+    new_tokens = len(prompts) * n
+    return {
+        "ours_tok_s": new_tokens / statistics.median(ours_s),
+        "hf_tok_s": new_tokens / statistics.median(hf_s),
+        "speedup": statistics.median(hf_s) / statistics.median(ours_s),
+        "identical": a.tokens == b[:, ids.shape[1] :].tolist(),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, description = load_model(args, device)
+    model = model.to(dtype=getattr(torch, args.dtype)).eval()
+    config = model.config
+    depth = draft_depth(config)
+    machine = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"# Decoding benchmark\n\n{description}")
+    print(
+        f"n_future={config.n_future} offsets={config.head_offsets} style={config.head_style} "
+        f"draft depth={depth}, {model.num_params() / 1e6:.1f}M params, {args.dtype}, {device} ({machine}), "
+        f"{args.max_new_tokens} new tokens, median of {args.repeats}, torch {torch.__version__}\n"
+    )
+
+    if depth > 1:
+        print("## Plain vs self-speculative greedy decoding\n")
+        print(
+            "| batch | plain tok/s | spec tok/s | tokens/forward | acceptance per head | speedup | efficiency | identical |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+            r = bench_speculative(args, model, make_prompts(args, model, tokenizer, batch_size), device)
+            acc = " / ".join(f"{a:.2f}" for a in r["acceptance"])
+            print(
+                f"| {batch_size} | {r['plain_tok_s']:.0f} | {r['spec_tok_s']:.0f} | {r['tokens_per_forward']:.2f} "
+                f"| {acc} | {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['identical']} |"
+            )
+        print("\nspeedup = plain time / speculative time; efficiency = speedup / tokens per forward.\n")
+    else:
+        print("(one drafting head: no speculative comparison)\n")
+
+    if args.no_hf:
+        return
+    if config.head_style != "transformer":
+        print("(transformers comparison needs a transformer-style model; skipped)")
+        return
+    from multitoken.interop import to_hf_llama
+
+    hf_model = to_hf_llama(model).to(device).eval()
+    print("## Our plain greedy decoding vs transformers generate() (same weights, next-token path)\n")
+    print("| batch | ours tok/s | transformers tok/s | ours / transformers | identical tokens |")
+    print("|---|---|---|---|---|")
+    for batch_size in [int(b) for b in args.hf_batch_sizes.split(",")]:
+        prompts = make_prompts(args, model, tokenizer, batch_size)
+        if len({len(p) for p in prompts}) > 1:
+            prompts = [p[: min(len(q) for q in prompts)] for p in prompts]  # transformers would need padding
+        r = bench_hf(args, model, hf_model, prompts, device)
+        print(
+            f"| {batch_size} | {r['ours_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {r['speedup']:.2f}x | {r['identical']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

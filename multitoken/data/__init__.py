@@ -1,0 +1,1 @@
+"""Corpora, tokenized shards and batch sampling: `sources` -> `shards.prepare` -> `loader.TokenDataset`."""

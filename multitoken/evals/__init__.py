@@ -1,0 +1,1 @@
+"""Evaluation: sandboxed code execution, pass@k, and code benchmarks (HumanEval, MBPP)."""

@@ -1,0 +1,132 @@
+"""Score a JSONL file of completions on HumanEval or MBPP in the sandbox and report pass@k."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from multitoken.errors import UserError
+from multitoken.evals.code_tasks import CodeTask, load_humaneval, load_mbpp
+from multitoken.evals.passk import DEFAULT_KS, mean_pass_at_k
+from multitoken.evals.sandbox import SandboxLimits, run_many
+
+BENCHMARKS = ("humaneval", "mbpp")
+
+
+def load_tasks(benchmark: str, data_path: str | Path | None = None) -> dict[str, CodeTask]:
+    """Tasks of ``benchmark`` by id; MBPP needs ``data_path`` (mbpp.jsonl), HumanEval defaults to the package's."""
+    name = benchmark.lower()
+    if name == "humaneval":
+        tasks = load_humaneval(data_path)
+    elif name == "mbpp":
+        if data_path is None:
+            raise UserError("mbpp needs the path to mbpp.jsonl")
+        tasks = load_mbpp(data_path)
+    else:
+        raise UserError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+    return {t.task_id: t for t in tasks}
+
+
+def _canonical_id(raw: Any, tasks: dict[str, CodeTask]) -> str:
+    """Map a sample's task_id to a task; MBPP also accepts 11, "11" and "Mbpp/11"."""
+    text = str(raw)
+    if text in tasks:
+        return text
+    m = re.fullmatch(r"(?:mbpp/)?(\d+)", text, flags=re.IGNORECASE)
+    if m and f"MBPP/{m.group(1)}" in tasks:
+        return f"MBPP/{m.group(1)}"
+    raise UserError(f"unknown task_id {text!r} in samples")
+
+
+def read_samples(path: str | Path, tasks: dict[str, CodeTask]) -> list[dict[str, Any]]:
+    """Sample records (each with "task_id" and "completion") from a JSONL file, task ids validated."""
+    source = Path(path)
+    if not source.is_file():
+        raise UserError(f"samples file not found: {source}")
+    samples = []
+    with source.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{source}:{lineno}: not valid JSON") from exc
+            if (
+                not isinstance(row, dict)
+                or "task_id" not in row
+                or not isinstance(row.get("completion"), str)
+            ):
+                raise UserError(f"{source}:{lineno}: needs a task_id and a string completion")
+            row["_task"] = _canonical_id(row["task_id"], tasks)
+            samples.append(row)
+    if not samples:
+        raise UserError(f"samples file has no samples: {source}")
+    return samples
+
+
+def score_samples(
+    benchmark: str,
+    samples_path: str | Path,
+    data_path: str | Path | None = None,
+    ks: Sequence[int] | None = None,
+    workers: int = max(1, os.cpu_count() or 1),
+    timeout_s: float = 10.0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every sample's program in the sandbox, write ``<samples>_results.jsonl``, and return pass@k.
+
+    pass@k averages over the tasks that have samples. ``ks=None`` means the default (1, 10, 100) restricted
+    to the k that every task has enough samples for; explicitly requested ks must all fit (else UserError).
+    """
+    tasks = load_tasks(benchmark, data_path)
+    samples = read_samples(samples_path, tasks)
+    per_task: dict[str, int] = defaultdict(int)
+    for s in samples:
+        per_task[s["_task"]] += 1
+    fewest = min(per_task.values())
+    chosen = [k for k in DEFAULT_KS if k <= fewest] if ks is None else list(ks)
+    mean_pass_at_k([(n, 0) for n in per_task.values()], chosen)  # reject impossible ks before running
+    programs = [(tasks[s["_task"]].code(s["completion"]), tasks[s["_task"]].tests) for s in samples]
+    results = run_many(
+        programs,
+        workers=workers,
+        limits=SandboxLimits(timeout_s=timeout_s),
+        progress=f"{benchmark} samples" if progress else None,
+    )
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    out_path = Path(f"{samples_path}_results.jsonl")
+    with out_path.open("w", encoding="utf-8") as f:
+        for sample, res in zip(samples, results, strict=True):
+            task_id = sample.pop("_task")
+            counts[task_id][0] += 1
+            counts[task_id][1] += int(res.passed)
+            f.write(json.dumps({**sample, "passed": res.passed, "result": res.result}) + "\n")
+    pass_k = mean_pass_at_k([(n, c) for n, c in counts.values()], chosen)
+    return {
+        "benchmark": benchmark.lower(),
+        "pass_at_k": pass_k,
+        "n_tasks": len(counts),
+        "n_tasks_in_benchmark": len(tasks),
+        "n_samples": len(samples),
+        "n_passed": sum(c for _, c in counts.values()),
+        "min_samples_per_task": fewest,
+        "results_path": str(out_path),
+    }
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A small plain-text table of a ``score_samples`` result."""
+    rows = [
+        ("benchmark", result["benchmark"]),
+        ("tasks", f"{result['n_tasks']} of {result['n_tasks_in_benchmark']}"),
+        ("samples", f"{result['n_samples']} ({result['n_passed']} passed)"),
+    ]
+    rows += [(f"pass@{k}", f"{v:.4f}") for k, v in sorted(result["pass_at_k"].items())]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -1,0 +1,404 @@
+"""Trainer: setup -> fit -> validate -> save. Single process, or DDP under torchrun.
+
+The global batch (`batch_size` sequences per optimizer step) is a function of (seed, step) only and is
+split across ranks and micro-batches; every head's loss is normalised by its target count over the
+whole global batch, so results do not depend on the number of processes or micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multitoken import checkpoint as ckpt_io
+from multitoken.config import ModelConfig, preset_config
+from multitoken.data.loader import TokenDataset
+from multitoken.distributed import Dist
+from multitoken.errors import UserError
+from multitoken.loss import IGNORE_INDEX, build_targets, head_metrics, multi_token_backward
+from multitoken.model import MultiTokenLM
+
+TRAIN_CONFIG = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Model shape comes from `preset`, with any ModelConfig field overridden in `model`."""
+
+    data: str = "data/stdlib"
+    """Directory written by `multitoken prepare`."""
+    out: str = "runs/default"
+    """Run directory: checkpoints, metrics.jsonl, TensorBoard logs."""
+    preset: str = "tiny"
+    """Named model shape: debug, tiny, small, 125m, 350m, 1b, 7b."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields overriding the preset (n_future, head_style, dim, ...)."""
+    batch_size: int = 32
+    """Global batch in sequences per optimizer step, split across ranks and micro-batches."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward on one rank; 0 means the whole per-rank share (no accumulation)."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak, reached by cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    max_steps: int = 2000
+    """Optimizer steps in the whole run."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    seed: int = 1337
+    """Seed for initialisation and for the data order."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    dtype: str = "auto"
+    """float32 or bfloat16 autocast; auto means bfloat16 on CUDA and float32 on CPU."""
+    compile: bool = False
+    """torch.compile each block (GPU)."""
+    memory_efficient: bool = True
+    """Run heads' forward/backward one at a time (the paper's memory-efficient schedule)."""
+    chunk_size: int = 2048
+    """Positions per cross-entropy chunk, so full (tokens x vocab) logits never exist at once."""
+    log_every: int = 10
+    """Steps between metrics.jsonl lines."""
+    val_every: int = 200
+    """Steps between validations; 0 disables (a final validation still runs)."""
+    val_batches: int = 8
+    """Validation batches of batch_size sequences."""
+    save_every: int = 500
+    """Steps between checkpoints; a final one is always saved."""
+    keep: int = 3
+    """Checkpoints to keep; 0 keeps all."""
+    resume: bool = False
+    """Continue the run in `out` from its latest checkpoint."""
+    tensorboard: bool = True
+    """Also log to TensorBoard under out/tb."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "seq_len", "max_steps", "log_every", "chunk_size", "val_batches")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        unknown = set(self.model) - {f.name for f in dataclasses.fields(ModelConfig)}
+        if unknown:
+            raise UserError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The model this run trains, for a dataset of `vocab_size` tokens."""
+        overrides = {**self.model, "vocab_size": vocab_size}
+        config = preset_config(self.preset, **overrides)
+        if self.seq_len > config.max_seq_len:
+            config = dataclasses.replace(config, max_seq_len=self.seq_len)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+# Fields that may differ between a run and its resumption without changing what is trained.
+RESUME_MUTABLE = {
+    "resume",
+    "max_steps",
+    "log_every",
+    "val_every",
+    "save_every",
+    "keep",
+    "progress",
+    "tensorboard",
+    "device",
+}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: MultiTokenLM, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "tok_embeddings" in n]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+class Trainer:
+    """Owns one run: model, optimizer, data, logging and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.dist = Dist.from_env(cfg.device)
+        self.device = self.dist.device
+        self.run_dir = Path(cfg.out)
+        self.train_data = TokenDataset(cfg.data, "train")
+        self.val_data = TokenDataset(cfg.data, "val")
+        self.tokenizer = self.train_data.tokenizer()
+        self.model_config = cfg.model_config(self.train_data.vocab_size)
+        if cfg.seq_len > self.train_data.n_tokens - 1:
+            raise UserError(
+                f"training data has {self.train_data.n_tokens} tokens, too few for seq_len={cfg.seq_len}"
+            )
+        self.rows_per_rank, self.micro_rows = self._split_batch()
+        self.autocast_dtype = self._autocast_dtype()
+        self.step = 0
+        self._stop_requested = False
+
+        torch.manual_seed(cfg.seed)
+        self.model = MultiTokenLM(self.model_config).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self._prepare_run_dir()
+        if cfg.compile:
+            for block in self.model.modules():
+                if type(block).__name__ == "Block":
+                    block.compile()
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    def _split_batch(self) -> tuple[int, int]:
+        world = self.dist.world_size
+        if self.cfg.batch_size % world:
+            raise UserError(f"batch_size={self.cfg.batch_size} must be divisible by the {world} processes")
+        rows = self.cfg.batch_size // world
+        micro = self.cfg.micro_batch_size or rows
+        if rows % micro:
+            raise UserError(f"per-process batch {rows} must be divisible by micro_batch_size={micro}")
+        return rows, micro
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        wanted = self.cfg.dtype
+        if wanted == "auto":
+            wanted = "bfloat16" if self.device.type == "cuda" else "float32"
+        return torch.bfloat16 if wanted == "bfloat16" else None
+
+    def _prepare_run_dir(self) -> None:
+        """Refuse to clobber another run; on --resume, load the latest checkpoint."""
+        saved_path = self.run_dir / TRAIN_CONFIG
+        latest = ckpt_io.find_latest(self.run_dir)
+        if self.cfg.resume:
+            if latest is None:
+                raise UserError(f"nothing to resume in {self.run_dir}: no checkpoint found")
+            self._check_same_run(saved_path)
+            self._load_state(latest)
+            return
+        if saved_path.exists() or latest is not None:
+            raise UserError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        self.dist.barrier()  # every rank has checked before rank 0 writes
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.write_json(saved_path, self.cfg.to_dict())
+        self.dist.barrier()
+
+    def _check_same_run(self, saved_path: Path) -> None:
+        if not saved_path.exists():
+            return
+        saved = json.loads(saved_path.read_text())
+        mine = self.cfg.to_dict()
+        diffs = sorted(k for k in mine if k not in RESUME_MUTABLE and saved.get(k) != mine[k])
+        if diffs:
+            raise UserError(
+                f"{self.run_dir} holds a different run (differs in {', '.join(diffs)}); choose another --out"
+            )
+
+    def _load_state(self, latest: Path) -> None:
+        ckpt_io.load_weights(self.model, latest)
+        state = ckpt_io.load_trainer_state(latest)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        if self.dist.is_main:
+            print(f"resuming {self.run_dir} from step {self.step}")
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over the global batch; returns the step's metrics."""
+        cfg, dist, model = self.cfg, self.dist, self.model
+        global_BT = self.train_data.batch_for(
+            cfg.seed, self.step, cfg.batch_size, cfg.seq_len, 0, cfg.batch_size
+        )
+        targets_BTN = build_targets(global_BT, self.model_config.head_offsets, sep_id=self.train_data.eos_id)
+        row_counts_BN = (targets_BTN != IGNORE_INDEX).sum(dim=1)
+        counts_N = row_counts_BN.sum(dim=0).to(self.device)
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sums_N = torch.zeros(self.model_config.n_future, dtype=torch.float64)
+        first_row = dist.rank * self.rows_per_rank
+        for start in range(first_row, first_row + self.rows_per_rank, self.micro_rows):
+            tokens_BT = global_BT[start : start + self.micro_rows].to(self.device)
+            with self._autocast():
+                losses = multi_token_backward(
+                    model,
+                    tokens_BT,
+                    memory_efficient=cfg.memory_efficient,
+                    chunk_size=cfg.chunk_size,
+                    sep_id=self.train_data.eos_id,
+                    normalizer_N=counts_N,
+                )
+            micro_counts_N = row_counts_BN[start : start + self.micro_rows].sum(dim=0)
+            loss_sums_N += torch.tensor(losses, dtype=torch.float64).nan_to_num() * micro_counts_N
+        dist.all_reduce_grads(model)
+        loss_sums_N = dist.all_reduce_sum(loss_sums_N)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        head_losses = (loss_sums_N / counts_N.cpu().clamp(min=1)).tolist()
+        weights = self.model_config.loss_weights
+        metrics = {"loss": sum(w * h for w, h in zip(weights, head_losses, strict=True) if w > 0), "lr": lr}
+        metrics["grad_norm"] = float(grad_norm)
+        for i, h in enumerate(head_losses):
+            if weights[i] > 0:
+                metrics[f"loss_head{i + 1}"] = h
+        return metrics
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ---- validation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Next-token val loss, and loss and top-1 accuracy of every head, on fixed validation windows."""
+        cfg, n = self.cfg, self.model_config.n_future
+        self.model.eval()
+        sums = torch.zeros(3, n, dtype=torch.float64)
+        windows = self.val_data.eval_windows(
+            cfg.seq_len,
+            cfg.val_batches * cfg.batch_size,
+            batch_size=self.micro_rows,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        for tokens_BT in windows:
+            with self._autocast():
+                loss_N, correct_N, count_N = head_metrics(
+                    self.model,
+                    tokens_BT.to(self.device),
+                    sep_id=self.val_data.eos_id,
+                    chunk_size=cfg.chunk_size,
+                )
+            sums += torch.stack([loss_N, correct_N.double(), count_N.double()])
+        sums = self.dist.all_reduce_sum(sums)
+        self.model.train()
+        loss_N, acc_N = sums[0] / sums[2].clamp(min=1), sums[1] / sums[2].clamp(min=1)
+        metrics = {"val_loss": loss_N[0].item()}
+        for i in range(n):
+            metrics[f"val_loss_head{i + 1}"] = loss_N[i].item()
+            metrics[f"val_acc_head{i + 1}"] = acc_N[i].item()
+        return metrics
+
+    # ---- checkpoints and the loop ---------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "torch_rng": torch.get_rng_state(),
+        }
+        state["train_config"] = self.cfg.to_dict()
+        path = None
+        if self.dist.is_main:
+            path = ckpt_io.save_checkpoint(
+                self.run_dir, self.step, self.model, self.tokenizer, state, keep=self.cfg.keep
+            )
+        self.dist.barrier()
+        return path
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def fit(self) -> dict[str, float]:
+        """Train to max_steps (or until SIGINT/SIGTERM, which saves and returns). Returns the last metrics."""
+        from multitoken.train_log import TrainLogger
+
+        cfg = self.cfg
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        logger = TrainLogger(self.run_dir, cfg, self.step, enabled=self.dist.is_main)
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        last: dict[str, float] = {}
+        try:
+            self.model.train()
+            while self.step < cfg.max_steps:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                elapsed = time.perf_counter() - started
+                metrics["tokens_per_s"] = tokens_per_step / elapsed
+                at_end = self.step == cfg.max_steps
+                if (cfg.val_every and self.step % cfg.val_every == 0) or at_end:
+                    metrics.update(self.validate())
+                logger.log(self.step, metrics, force=at_end or "val_loss" in metrics)
+                last = metrics
+                if cfg.save_every and self.step % cfg.save_every == 0 and not at_end:
+                    self.save()
+                if self.dist.any_flag(self._stop_requested):
+                    logger.write(f"interrupted at step {self.step}: saving a checkpoint")
+                    break
+            self.save()
+        finally:
+            logger.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return last
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Train a multi-token model as `cfg` describes; returns the last logged metrics."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.shutdown()
+
+
+def resolve_cli_config(explicit: dict[str, Any]) -> TrainConfig:
+    """Config for `multitoken train`: with --resume, the saved run's config under the given overrides."""
+    values = dict(explicit)
+    if values.get("resume"):
+        saved_path = Path(values.get("out", TrainConfig.out)) / TRAIN_CONFIG
+        if saved_path.exists():
+            saved = json.loads(saved_path.read_text())
+            saved_model = saved.get("model", {})
+            values = {**saved, **values, "model": {**saved_model, **values.get("model", {})}}
+    return TrainConfig.from_dict(values)
+
+
+__all__ = ["TrainConfig", "Trainer", "lr_at", "resolve_cli_config", "train"]
