@@ -93,7 +93,9 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_argument(parser: argparse.ArgumentParser, name: str, annotation: Any, help_text: str) -> None:
+def add_argument(
+    parser: argparse.ArgumentParser, name: str, annotation: Any, help_text: str, required: bool = False
+) -> None:
     """One flag for a typed field: bools get --x/--no-x, lists take several values or a comma list."""
     flag = "--" + name.replace("_", "-")
     tp = _strip_optional(annotation)
@@ -102,6 +104,7 @@ def add_argument(parser: argparse.ArgumentParser, name: str, annotation: Any, he
         "dest": name,
         "default": argparse.SUPPRESS,
         "help": help_text.replace("%", "%%"),
+        "required": required,
     }
     if tp is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -151,6 +154,8 @@ class Command:
     """Config key receiving the extra dataclasses' flags (train: `model`)."""
     build: Callable[[dict[str, Any]], Any] | None = None
     """Turns the explicit values into the config object; default: config_cls(**values)."""
+    positional: tuple[str, ...] = ()
+    """Parameters taken as positional arguments rather than --flags (e.g. the CSV of `lab scaling fit`)."""
 
     @property
     def help(self) -> str:
@@ -162,13 +167,16 @@ def _describe(parser: argparse.ArgumentParser, command: Command) -> None:
         docs = param_docs(command.target)
         hints = _resolved_hints(command.target)
         for name, param in inspect.signature(command.target).parameters.items():
-            if param.default is inspect.Parameter.empty:
-                help_text = docs.get(name, "").replace("%", "%%")
-                parser.add_argument(name, type=_scalar(_strip_optional(hints.get(name, str))), help=help_text)
-            else:
-                add_argument(
-                    parser, name, hints.get(name, str), f"{docs.get(name, '')} (default: {param.default})"
+            required = param.default is inspect.Parameter.empty
+            if name in command.positional:
+                parser.add_argument(
+                    name, type=_scalar(_strip_optional(hints.get(name, str))), help=docs.get(name)
                 )
+                continue
+            suffix = "(required)" if required else f"(default: {param.default})"
+            add_argument(
+                parser, name, hints.get(name, str), f"{docs.get(name, '')} {suffix}", required=required
+            )
         return
     parser.add_argument(
         "--config", dest="__config", default=None, metavar="FILE.yaml", help="YAML file of fields"
@@ -260,7 +268,7 @@ def _optional_commands() -> list[Command]:
     try:
         from multitoken.lab.scaling import scaling_fit
 
-        found.append(Command(("lab", "scaling", "fit"), scaling_fit))
+        found.append(Command(("lab", "scaling", "fit"), scaling_fit, positional=("csv",)))
     except ImportError:
         pass
     return found
@@ -306,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"multitoken: error: {err}", file=sys.stderr)
         return 2
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
     except KeyboardInterrupt:
         print("multitoken: interrupted", file=sys.stderr)
         return 130
