@@ -265,6 +265,15 @@ def _optional_commands() -> list[Command]:
         found += [Command(path, fn) for path, fn in eval_commands()]
     except ImportError:
         pass
+    for module, function in (
+        ("multitoken.experiments.cli", "experiment_commands"),
+        ("multitoken.lab.cli", "lab_commands"),
+    ):
+        try:
+            pairs = getattr(__import__(module, fromlist=[function]), function)()
+        except ImportError:
+            continue
+        found += [Command(path, fn) for path, fn in pairs]
     try:
         from multitoken.lab.scaling import scaling_fit
 
