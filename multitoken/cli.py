@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from multitoken.config import dataclass_from_dict
 from multitoken.errors import UserError
 
 
@@ -228,11 +229,7 @@ def run_command(command: Command, namespace: argparse.Namespace) -> Any:
     if command.build is not None:
         config = command.build(values)
     else:
-        known = {f.name for f in dataclasses.fields(command.config_cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown config field(s): {', '.join(unknown)}")
-        config = command.config_cls(**values)
+        config = dataclass_from_dict(command.config_cls, values)
     return command.target(config)
 
 

@@ -128,11 +128,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown model config field(s): {', '.join(unknown)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "model config")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -144,6 +140,14 @@ class ModelConfig:
         except (OSError, json.JSONDecodeError) as err:
             raise UserError(f"cannot read model config {path}: {err}") from err
         return cls.from_dict(values)
+
+
+def dataclass_from_dict(cls: type, values: dict[str, Any], what: str = "config"):
+    """`cls(**values)`, with a UserError naming any field `cls` does not have."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise UserError(f"unknown {what} field(s): {', '.join(unknown)}")
+    return cls(**values)
 
 
 # Shapes only; vocab_size comes from the data. `debug` runs in seconds on a CPU, `tiny`/`small` in minutes.

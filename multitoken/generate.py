@@ -457,20 +457,24 @@ def generate_cli(
         batch = texts[first : first + batch_size]
         ids = [tokenizer.encode(t) for t in batch]
         stream = _TextStream(tokenizer, sys.stdout, batch[0]) if len(batch) == 1 else None
-        result = generate(
-            model,
-            ids,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            speculative=speculative,
-            eos_id=tokenizer.eos_id,
-            seed=None if seed is None else seed + first,
-            stop_strings=stop,
-            tokenizer=tokenizer,
-            on_tokens=stream,
-        )
+
+        def run(speculative_mode, on_tokens=None, ids=ids, first=first):
+            return generate(
+                model,
+                ids,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                speculative=speculative_mode,
+                eos_id=tokenizer.eos_id,
+                seed=None if seed is None else seed + first,
+                stop_strings=stop,
+                tokenizer=tokenizer,
+                on_tokens=on_tokens,
+            )
+
+        result = run(speculative, stream)
         separator = "---\n" if len(texts) > 1 else ""
         if stream is not None:
             stream.finish()
@@ -480,19 +484,7 @@ def generate_cli(
                 sys.stdout.write(f"{text}{completion}\n{separator}")
         parts.append(result.stats)
         if compare_plain:
-            plain = generate(
-                model,
-                ids,
-                max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                speculative=False,
-                eos_id=tokenizer.eos_id,
-                seed=None if seed is None else seed + first,
-                stop_strings=stop,
-                tokenizer=tokenizer,
-            )
+            plain = run(False)
             plain_parts.append(plain.stats)
             same_output &= plain.tokens == result.tokens
     total = merge_stats(parts)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from multitoken import checkpoint as ckpt_io
-from multitoken.config import ModelConfig, preset_config
+from multitoken.config import ModelConfig, dataclass_from_dict, preset_config
 from multitoken.data.loader import TokenDataset
 from multitoken.distributed import Dist
 from multitoken.errors import UserError
@@ -102,9 +102,9 @@ class TrainConfig:
             raise UserError(f"lr must be positive, got {self.lr}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        unknown = set(self.model) - {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(ModelConfig)})
         if unknown:
-            raise UserError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+            raise UserError(f"unknown model config field(s): {', '.join(unknown)}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The model this run trains, for a dataset of `vocab_size` tokens."""
@@ -119,11 +119,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown config field(s): {', '.join(unknown)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
 
 
 # Fields that may differ between a run and its resumption without changing what is trained.
