@@ -5,6 +5,9 @@ from multitoken import ModelConfig, MultiTokenLM
 
 HEAD_STYLES = ("transformer", "linear", "sequential")
 
+# Tiny models run fastest on one thread, and a shared machine's oversubscribed OpenMP threads spin.
+torch.set_num_threads(1)
+
 
 def tiny_config(**overrides) -> ModelConfig:
     values = dict(vocab_size=97, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=128)

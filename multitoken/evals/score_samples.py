@@ -13,7 +13,7 @@ from typing import Any
 from multitoken.errors import UserError
 from multitoken.evals.code_tasks import CodeTask, load_humaneval, load_mbpp
 from multitoken.evals.passk import DEFAULT_KS, mean_pass_at_k
-from multitoken.evals.sandbox import SandboxLimits, run_many
+from multitoken.evals.sandbox import ExecResult, SandboxLimits, run_many
 
 BENCHMARKS = ("humaneval", "mbpp")
 
@@ -70,6 +70,25 @@ def read_samples(path: str | Path, tasks: dict[str, CodeTask]) -> list[dict[str,
     return samples
 
 
+def execute_completions(
+    pairs: Sequence[tuple[CodeTask, str]], *, workers: int, timeout_s: float, progress: str | None
+) -> list[ExecResult]:
+    """Run each (task, completion) program with the task's tests in the sandbox, in parallel."""
+    programs = [(task.code(completion), task.tests) for task, completion in pairs]
+    return run_many(programs, workers=workers, limits=SandboxLimits(timeout_s=timeout_s), progress=progress)
+
+
+def tally(
+    task_ids: Sequence[str], results: Sequence[ExecResult], ks: Sequence[int]
+) -> tuple[dict[int, float], dict[str, list[int]]]:
+    """(pass@k per k, {task_id: [samples, passed]}) from one result per sample."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for task_id, res in zip(task_ids, results, strict=True):
+        counts[task_id][0] += 1
+        counts[task_id][1] += int(res.passed)
+    return mean_pass_at_k([(n, c) for n, c in counts.values()], ks), counts
+
+
 def score_samples(
     benchmark: str,
     samples_path: str | Path,
@@ -92,22 +111,18 @@ def score_samples(
     fewest = min(per_task.values())
     chosen = [k for k in DEFAULT_KS if k <= fewest] if ks is None else list(ks)
     mean_pass_at_k([(n, 0) for n in per_task.values()], chosen)  # reject impossible ks before running
-    programs = [(tasks[s["_task"]].code(s["completion"]), tasks[s["_task"]].tests) for s in samples]
-    results = run_many(
-        programs,
+    task_ids = [s.pop("_task") for s in samples]
+    results = execute_completions(
+        [(tasks[t], s["completion"]) for t, s in zip(task_ids, samples, strict=True)],
         workers=workers,
-        limits=SandboxLimits(timeout_s=timeout_s),
+        timeout_s=timeout_s,
         progress=f"{benchmark} samples" if progress else None,
     )
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     out_path = Path(f"{samples_path}_results.jsonl")
     with out_path.open("w", encoding="utf-8") as f:
         for sample, res in zip(samples, results, strict=True):
-            task_id = sample.pop("_task")
-            counts[task_id][0] += 1
-            counts[task_id][1] += int(res.passed)
             f.write(json.dumps({**sample, "passed": res.passed, "result": res.result}) + "\n")
-    pass_k = mean_pass_at_k([(n, c) for n, c in counts.values()], chosen)
+    pass_k, counts = tally(task_ids, results, chosen)
     return {
         "benchmark": benchmark.lower(),
         "pass_at_k": pass_k,

