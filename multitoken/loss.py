@@ -59,8 +59,12 @@ def _head_backward(
     z_detached_MD = z_MD.detach().requires_grad_()
     loss_sum = torch.zeros((), device=z_BTD.device)
     for start in range(0, target_M.numel(), chunk_size):
-        logits_CV = model.logits(z_detached_MD[start : start + chunk_size])
-        chunk_loss = F.cross_entropy(logits_CV.float(), target_M[start : start + chunk_size], reduction="sum")
+        # No name for the logits: autograd frees them during backward instead of keeping a chunk alive.
+        chunk_loss = F.cross_entropy(
+            model.logits(z_detached_MD[start : start + chunk_size]).float(),
+            target_M[start : start + chunk_size],
+            reduction="sum",
+        )
         (chunk_loss * scale).backward()
         loss_sum += chunk_loss.detach()
     if z_detached_MD.grad is not None:
