@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from multitoken import generate, load_checkpoint
 from multitoken.train import Trainer, lr_at, train
 
-from helpers import debug_config, make_dataset, read_metrics
+from helpers import STORY, debug_config, make_dataset, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,14 @@ def test_debug_preset_learns_a_repetitive_corpus(dataset, tmp_path):
     assert first["loss"] > 2 * 4.0  # two heads near ln(258) each at the start
     assert last["loss_head1"] < 0.35 * first["loss_head1"]
     assert last["val_loss"] < 1.5
+
+    # The trained checkpoint drafts its own tokens on the text it learned, without changing the output.
+    model, tokenizer = load_checkpoint(tmp_path / "run")
+    prompt = tokenizer.encode(STORY[:20])
+    plain = generate(model, [prompt], 60, speculative=False)
+    spec = generate(model, [prompt], 60)
+    assert spec.tokens == plain.tokens
+    assert spec.stats.tokens_per_forward > 1.2
 
 
 def test_metrics_lines_have_the_contract_fields(dataset, tmp_path):
