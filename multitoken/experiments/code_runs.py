@@ -1,0 +1,102 @@
+"""Training and measuring next-token and multi-token models on a code corpus (`bytes` and `nsweep`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from multitoken.checkpoint import load_model
+from multitoken.data.shards import PrepareConfig, prepare
+from multitoken.experiments.decoding import held_out_prompts, measure_speculative
+from multitoken.experiments.runner import (
+    base_train_config,
+    final_validation,
+    median_step_seconds,
+    run_stats,
+    train_variant,
+)
+
+
+@dataclass
+class CodeScale:
+    """Model and budget of one scale of a code experiment."""
+
+    dim: int
+    """Model width."""
+    n_layers: int
+    """Blocks in total, the same for every n (parameter-matched)."""
+    n_heads: int
+    """Attention heads."""
+    max_steps: int
+    """Optimizer steps per model."""
+    batch_size: int
+    """Sequences per step."""
+    seq_len: int
+    """Tokens per training window."""
+    max_documents: int
+    """Corpus documents used (0: all)."""
+    vocab_size: int
+    """BPE vocabulary (ignored for bytes)."""
+    n_prompts: int
+    """Held-out prompts decoded to measure self-speculative decoding."""
+    prompt_len: int
+    """Tokens per prompt."""
+    max_new_tokens: int
+    """Tokens generated per prompt."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+
+
+def prepare_code(root: Path, corpus: str, tokenizer: str, scale: CodeScale, seed: int) -> Path:
+    """Tokenize the corpus into root/data (reused when it already holds the same dataset)."""
+    return prepare(
+        PrepareConfig(
+            source=corpus,
+            tokenizer=tokenizer,
+            vocab_size=scale.vocab_size,
+            out=str(root / "data"),
+            val_fraction=0.02,
+            max_documents=scale.max_documents,
+            seed=seed,
+        )
+    )
+
+
+def run_code_variant(
+    root: Path, data: Path, scale: CodeScale, n: int, seed: int, device: str, progress: bool
+) -> dict[str, Any]:
+    """Train (or reuse) the n-head model and measure it: loss, per-head accuracy, speed, memory, speculation."""
+    cfg = base_train_config(
+        data=str(data),
+        out=str(root / "runs" / f"n{n}"),
+        preset="debug",
+        model=dict(dim=scale.dim, n_layers=scale.n_layers, n_heads=scale.n_heads, n_kv_heads=scale.n_heads,
+                   n_future=n, max_seq_len=max(scale.seq_len, scale.prompt_len + scale.max_new_tokens)),
+        batch_size=scale.batch_size,
+        seq_len=scale.seq_len,
+        max_steps=scale.max_steps,
+        warmup_steps=max(1, scale.max_steps // 20),
+        lr=scale.lr,
+        save_every=max(1, scale.max_steps // 4),
+        seed=seed,
+        device=device,
+        progress=progress,
+    )  # fmt: skip
+    run_dir = train_variant(cfg)
+    val = final_validation(run_dir)
+    stats = run_stats(run_dir)
+    model = load_model(run_dir, device)
+    prompts = held_out_prompts(str(data), scale.n_prompts, scale.prompt_len)
+    spec = measure_speculative(model, prompts, scale.max_new_tokens)
+    return {
+        "n_future": n,
+        "params": model.num_params(),
+        "val_loss": val["val_loss"],
+        "val_acc_per_head": [val[f"val_acc_head{i + 1}"] for i in range(n)],
+        "step_seconds": median_step_seconds(run_dir, cfg.batch_size * cfg.seq_len),
+        "peak_memory_mib": stats.get("peak_memory_mib", float("nan")),
+        "peak_memory_increase_mib": stats.get("peak_memory_increase_mib", float("nan")),
+        "speculative": dataclasses.asdict(spec),
+    }

@@ -1,0 +1,381 @@
+"""`multitoken experiment induction`: copying two-token names from earlier in a story (paper §4.1).
+
+Character names in a story corpus are replaced by random two-token names, consistently within each
+story. Names are a capitalised syllable and a lowercase syllable ("Ka" + "lo" = "Kalo"); the BPE
+tokenizer is trained on the corpus and then given top-priority merges for every syllable, so each name
+encodes to exactly [" Ka", "lo"] (checked for every name). The metric is the next-token head's greedy
+accuracy on the second token of a name already mentioned earlier in the same story: after " Ka" the
+model must recall which syllable followed " Ka" earlier in this story, an induction task. Only mentions
+after a space count (a name opening a document or a line tokenizes differently).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenizers
+import torch
+
+from multitoken.checkpoint import load_model
+from multitoken.data.shards import PrepareConfig, prepare
+from multitoken.data.sources import iter_documents
+from multitoken.errors import UserError
+from multitoken.experiments import stories
+from multitoken.experiments.runner import (
+    base_train_config,
+    final_validation,
+    pick_scale,
+    print_table,
+    resolve_device,
+    train_variant,
+)
+from multitoken.report import Report
+from multitoken.tokenizer import Tokenizer, train_bpe
+
+CONSONANTS = "bdfgklmnprstvz"
+"""Consonants of the name syllables."""
+VOWELS = "aeiou"
+"""Vowels of the name syllables."""
+N_FUTURE = (1, 2)
+"""Heads compared."""
+
+
+@dataclass
+class InductionScale:
+    """Budget of one scale."""
+
+    dims: tuple[int, ...]
+    """Model widths swept (the x axis of the plot)."""
+    n_layers: int
+    """Blocks in total, the same for n = 1 and 2."""
+    max_steps: int
+    """Optimizer steps per model."""
+    batch_size: int
+    """Sequences per step."""
+    seq_len: int
+    """Tokens per training window, and the longest story prefix evaluated."""
+    n_stories: int
+    """Training stories (generated corpus)."""
+    n_eval: int
+    """Held-out stories on which the metric is measured."""
+    vocab_size: int
+    """BPE vocabulary before the name syllables are added."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+
+
+SCALES = {
+    "debug": InductionScale(dims=(16, 32), n_layers=2, max_steps=15, batch_size=8, seq_len=64, n_stories=300,
+                            n_eval=16, vocab_size=400),
+    "small": InductionScale(dims=(32, 64, 128), n_layers=4, max_steps=600, batch_size=32, seq_len=128,
+                            n_stories=20_000, n_eval=300, vocab_size=1024),
+    "medium": InductionScale(dims=(64, 128, 256, 512), n_layers=6, max_steps=5000, batch_size=64,
+                             seq_len=256, n_stories=200_000, n_eval=1000, vocab_size=4096, lr=1e-3),
+    "large": InductionScale(dims=(128, 256, 512, 1024), n_layers=8, max_steps=20_000, batch_size=128,
+                            seq_len=512, n_stories=1_000_000, n_eval=2000, vocab_size=8192, lr=6e-4),
+}  # fmt: skip
+
+
+# ---- names and tokenizer -------------------------------------------------------------------------------
+
+
+def syllables() -> tuple[list[str], list[str]]:
+    """(first syllables "Ba", "Be", ..., second syllables "ba", "be", ...): consonant + vowel."""
+    second = [c + v for c in CONSONANTS for v in VOWELS]
+    return [s.capitalize() for s in second], second
+
+
+def name_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    """BPE trained on `texts`, with top-priority merges making " Xy" and "xy" syllables single tokens.
+
+    BPE applies merges in rank order, so with the syllable merges ranked first, " Kalo" always becomes
+    " Ka" + "lo" whatever merges the corpus taught (names are checked with `two_token_names`).
+    """
+    config = json.loads(train_bpe(texts, vocab_size).hf.to_str())
+    model = config["model"]
+    vocab: dict[str, int] = model["vocab"]
+    first, second = syllables()
+    space = "Ġ"  # the ByteLevel alphabet's space
+    merges: list[list[str]] = []
+    for syl in first:
+        merges += [[space, syl[0]], [space + syl[0], syl[1]]]
+    merges += [[syl[0], syl[1]] for syl in second]
+    merges = [list(m) for m in dict.fromkeys(tuple(m) for m in merges)]
+    for left, right in merges:
+        if left + right not in vocab:
+            vocab[left + right] = max(vocab.values()) + 1
+    front = {tuple(m) for m in merges}
+    model["merges"] = merges + [m for m in model["merges"] if tuple(m) not in front]
+    model["ignore_merges"] = False
+    return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(config)), kind="bpe")
+
+
+def name_ids(tokenizer: Tokenizer, name: str) -> tuple[int, ...]:
+    """Token ids of `name` as it appears in running text, after a space."""
+    return tuple(tokenizer.encode(" " + name))
+
+
+def two_token_names(tokenizer: Tokenizer, forbidden_words: set[str]) -> dict[str, tuple[int, int]]:
+    """Every syllable-pair name that encodes to exactly two tokens and is no word of the corpus."""
+    first, second = syllables()
+    names = {}
+    for a in first:
+        for b in second:
+            ids = name_ids(tokenizer, a + b)
+            if len(ids) == 2 and (a + b).lower() not in forbidden_words:
+                names[a + b] = ids
+    return names
+
+
+# ---- corpus -------------------------------------------------------------------------------------------
+
+
+def replace_names(text: str, names: list[str], pool: list[str], rng: random.Random) -> tuple[str, list[str]]:
+    """`text` with each distinct listed name replaced by a distinct random pool name; (text, names used)."""
+    if not names:
+        return text, []
+    pattern = re.compile(
+        r"\b(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + r")\b"
+    )
+    found = list(dict.fromkeys(pattern.findall(text)))
+    chosen = rng.sample(pool, len(found))
+    mapping = dict(zip(found, chosen, strict=True))
+    return pattern.sub(lambda m: mapping[m.group(1)], text), chosen
+
+
+def repeated_name_positions(ids: list[int], pairs: set[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Positions t of name second tokens (ids[t-1], ids[t]) in `pairs`: (repeated mentions, first mentions).
+
+    A mention is repeated when the same two tokens already occurred, complete, before position t - 1.
+    """
+    seen: set[tuple[int, int]] = set()
+    repeated, first = [], []
+    for t in range(1, len(ids)):
+        pair = (ids[t - 1], ids[t])
+        if pair in pairs:
+            (repeated if pair in seen else first).append(t)
+            seen.add(pair)
+    return repeated, first
+
+
+@dataclass
+class Corpus:
+    """Name-replaced stories ready for training and evaluation."""
+
+    data: Path
+    """Prepared dataset directory."""
+    tokenizer: Tokenizer
+    """Tokenizer with two-token names."""
+    eval_docs: list[str]
+    """Held-out stories."""
+    eval_names: list[list[str]]
+    """Names inserted in each held-out story."""
+    n_names: int
+    """Size of the random-name pool."""
+
+
+def build_corpus(root: Path, scale: InductionScale, seed: int, corpus: str, names_file: str) -> Corpus:
+    """Generated stories (or `corpus` with the names of `names_file`), names replaced, tokenized."""
+    if bool(corpus) != bool(names_file):
+        raise UserError("give both --corpus and --names, or neither (to use generated stories)")
+    if corpus:
+        if not Path(names_file).is_file():
+            raise UserError(f"name file {names_file} does not exist")
+        names = [line.strip() for line in Path(names_file).read_text().splitlines() if line.strip()]
+        if not names:
+            raise UserError(f"name file {names_file} lists no names")
+        docs = list(iter_documents(corpus))
+        held = set(range(0, len(docs), max(2, len(docs) // scale.n_eval))[: scale.n_eval])
+        eval_docs = [d for i, d in enumerate(docs) if i in held]
+        train_docs = [d for i, d in enumerate(docs) if i not in held]
+    else:
+        names = list(stories.NAMES)
+        train_docs = stories.stories(seed, scale.n_stories)
+        eval_docs = stories.stories(seed + 1, scale.n_eval)
+    tokenizer = name_tokenizer(train_docs, scale.vocab_size)
+    words = {w.lower() for doc in train_docs[:5000] for w in re.findall(r"[A-Za-z]+", doc)}
+    pool = sorted(two_token_names(tokenizer, words))
+    if len(pool) < 50:
+        raise UserError(f"only {len(pool)} two-token names survive this tokenizer; too few")
+    rng = random.Random(seed)
+    replaced = [replace_names(doc, names, pool, rng)[0] for doc in train_docs]
+    evals = [replace_names(doc, names, pool, rng) for doc in eval_docs]
+    source = root / "corpus"
+    source.mkdir(parents=True, exist_ok=True)
+    (source / "stories.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in replaced))
+    tokenizer.save(root / "tokenizer")
+    data = prepare(
+        PrepareConfig(
+            source=str(source), tokenizer=str(root / "tokenizer"), out=str(root / "data"), val_fraction=0.01
+        )
+    )
+    return Corpus(data, tokenizer, [e[0] for e in evals], [e[1] for e in evals], len(pool))
+
+
+# ---- metric -------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def name_accuracy(model, corpus: Corpus, max_len: int, batch_size: int = 16) -> dict[str, float]:
+    """Next-token-head greedy accuracy on second name tokens: repeated mentions, and first mentions."""
+    tok = corpus.tokenizer
+    device = next(model.parameters()).device
+    model.eval()
+    hits = {"repeated": [0, 0], "first": [0, 0]}
+    for start in range(0, len(corpus.eval_docs), batch_size):
+        rows, positions = [], []
+        for doc, names in zip(
+            corpus.eval_docs[start : start + batch_size],
+            corpus.eval_names[start : start + batch_size],
+            strict=True,
+        ):
+            ids = [tok.eos_id, *tok.encode(doc)][:max_len]
+            rows.append(ids)
+            positions.append(repeated_name_positions(ids, {name_ids(tok, n) for n in names}))
+        width = max(len(r) for r in rows)
+        tokens_BT = torch.full((len(rows), width), tok.eos_id, dtype=torch.long)
+        for b, ids in enumerate(rows):
+            tokens_BT[b, : len(ids)] = torch.tensor(ids)
+        tokens_BT = tokens_BT.to(device)
+        rope = model.rope_context(tokens_BT, None)
+        logits_BTV = model.logits(model.head_forward(0, model.trunk_forward(tokens_BT, rope), rope))
+        pred_BT = logits_BTV.argmax(-1).cpu()
+        for b, (repeated, first) in enumerate(positions):
+            for kind, ts in (("repeated", repeated), ("first", first)):
+                hits[kind][0] += sum(int(pred_BT[b, t - 1] == rows[b][t]) for t in ts)
+                hits[kind][1] += len(ts)
+    return {
+        "accuracy_repeated": hits["repeated"][0] / max(hits["repeated"][1], 1),
+        "accuracy_first": hits["first"][0] / max(hits["first"][1], 1),
+        "n_repeated": hits["repeated"][1],
+        "n_first": hits["first"][1],
+    }
+
+
+# ---- the experiment -----------------------------------------------------------------------------------
+
+
+def induction(
+    out: str = "reports/induction",
+    scale: str = "small",
+    seed: int = 0,
+    device: str = "auto",
+    corpus: str = "",
+    names: str = "",
+) -> dict:
+    """Induction on stories with random two-token names: accuracy vs model size for n = 1 and n = 2.
+
+    Measures the next-token head's greedy accuracy on the second token of a name already mentioned in
+    the same story (paper §4.1: n = 2 helps small models most).
+
+    Args:
+        out: report directory; runs go under OUT/runs/dDIM-nN and are reused when complete.
+        scale: debug (seconds), small (a CPU, ~30 min), medium or large (GPU).
+        seed: seed of the corpus, the names and every model's initialisation.
+        device: cpu, cuda, cuda:N or auto.
+        corpus: a story corpus (directory, file or glob) to use instead of the generated stories.
+        names: file of the character names used in --corpus, one per line (required with --corpus).
+    """
+    preset = pick_scale(scale, SCALES)
+    device = resolve_device(device)
+    root = Path(out)
+    data = build_corpus(root, preset, seed, corpus, names)
+    results: dict[str, dict] = {}
+    for dim in preset.dims:
+        for n in N_FUTURE:
+            n_heads = max(1, dim // 16)
+            cfg = base_train_config(
+                data=str(data.data),
+                out=str(root / "runs" / f"d{dim}-n{n}"),
+                preset="debug",
+                model=dict(dim=dim, n_layers=preset.n_layers, n_heads=n_heads, n_kv_heads=n_heads, n_future=n,
+                           max_seq_len=max(preset.seq_len, 64)),
+                batch_size=preset.batch_size,
+                seq_len=preset.seq_len,
+                max_steps=preset.max_steps,
+                warmup_steps=max(1, preset.max_steps // 20),
+                lr=preset.lr,
+                save_every=max(1, preset.max_steps // 4),
+                seed=seed,
+                device=device,
+                progress=scale != "debug",
+            )  # fmt: skip
+            run_dir = train_variant(cfg)
+            model = load_model(run_dir, device)
+            metrics = name_accuracy(model, data, preset.seq_len)
+            results[f"d{dim}-n{n}"] = {
+                "dim": dim,
+                "n_future": n,
+                "params": model.num_params(),
+                "val_loss": final_validation(run_dir)["val_loss"],
+                **metrics,
+            }
+    _write_report(root, scale, preset, data, results)
+    return results
+
+
+def _write_report(root: Path, scale: str, preset: InductionScale, data: Corpus, results: dict) -> None:
+    report = Report(
+        root,
+        title="Induction on stories with two-token names",
+        question=(
+            "Does training with n = 2 future tokens help small models copy a two-token name seen earlier "
+            "in the same story, and does the gap close as the model grows (paper §4.1)?"
+        ),
+    )
+    fig, ax = report.figure()
+    for n, color in zip(N_FUTURE, ("tab:blue", "tab:orange"), strict=True):
+        rs = [r for r in results.values() if r["n_future"] == n]
+        params = [r["params"] for r in rs]
+        ax.plot(params, [100 * r["accuracy_repeated"] for r in rs], marker="o", color=color,
+                label=f"n = {n}, repeated names")  # fmt: skip
+        ax.plot(params, [100 * r["accuracy_first"] for r in rs], ls=":", marker=".", color=color,
+                label=f"n = {n}, first mentions (nothing to copy)")  # fmt: skip
+    ax.set_ylim(-2, 102)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("accuracy on a name's second token (%)")
+    ax.set_title(f"Induction, {scale} scale")
+    ax.legend(fontsize=8)
+    report.save_figure(
+        fig, "induction_accuracy.png", "Next-token accuracy on the second token of a name vs parameters"
+    )
+    header = ["dim", "params", "n", "val loss (nats)", "repeated-name acc (%)", "first-mention acc (%)"]
+    rows = [
+        [
+            r["dim"],
+            r["params"],
+            r["n_future"],
+            r["val_loss"],
+            100 * r["accuracy_repeated"],
+            100 * r["accuracy_first"],
+        ]
+        for r in results.values()
+    ]
+    report.add_table(header, rows, "Accuracy on the second token of a name (next-token head, greedy)")
+    gaps = []
+    for dim in preset.dims:
+        one, two = results[f"d{dim}-n1"], results[f"d{dim}-n2"]
+        gaps.append(
+            f"dim {dim}: {100 * one['accuracy_repeated']:.1f}% (n=1) vs {100 * two['accuracy_repeated']:.1f}% (n=2)"
+        )
+    any_r = next(iter(results.values()))
+    answer = (
+        "Accuracy on the second token of repeated names: " + "; ".join(gaps) + f". Measured on "
+        f"{any_r['n_repeated']} repeated mentions in {len(data.eval_docs)} held-out stories."
+    )
+    report.write(
+        answer,
+        results,
+        details={
+            "scale": scale,
+            "models": f"dims {list(preset.dims)}, {preset.n_layers} blocks, BPE vocab {data.tokenizer.vocab_size}",
+            "training": f"{preset.max_steps} steps x {preset.batch_size} x {preset.seq_len} tokens",
+            "names": f"{data.n_names} random two-token names (syllable + syllable)",
+        },
+    )
+    print_table("induction: accuracy on repeated names", header, rows)
