@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(MT) prepare --source python-stdlib --tokenizer bpe --vocab-size 4096 --out $(DEMO_DATA)
 	rm -rf $(DEMO_RUN)
-	$(MT) train --data $(DEMO_DATA) --preset tiny --n-future 4 --seq-len 256 --batch-size 16 \
-		--max-steps 400 --warmup-steps 40 --lr 2e-3 --val-every 200 --save-every 200 --out $(DEMO_RUN)
-	$(MT) generate --checkpoint $(DEMO_RUN) --prompt "def fibonacci(n):" --max-new-tokens 160 --stats --compare-plain
+	$(MT) train --data $(DEMO_DATA) --preset tiny --n-future 4 --head-style linear --seq-len 256 \
+		--batch-size 8 --max-steps 600 --warmup-steps 50 --lr 3e-3 --val-every 300 --save-every 300 --out $(DEMO_RUN)
+	$(MT) generate --checkpoint $(DEMO_RUN) --prompt "$$(printf 'import os\nimport sys\n\n\ndef ')" \
+		--max-new-tokens 160 --stats --compare-plain
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" tests
