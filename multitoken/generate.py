@@ -283,7 +283,8 @@ def generate(
                 n_acc_B, next_B = accept_sampled(logits_BTV, drafts_BJ, q_BJV, n_drafts_B, params, generator)
             old_drafts_BJ = drafts_BJ
             if n_drafts:
-                rope = model.rope_context(block_BT, pos_BT)
+                # Only sequential heads run again here; parallel heads' states came with the forward pass.
+                rope = model.rope_context(block_BT, pos_BT) if sequential else None
                 drafts_BJ, q_BJV = propose_drafts(
                     model, h_BTD, rope, block_BT, n_acc_B, next_B, depth, params, generator, states
                 )

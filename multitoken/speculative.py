@@ -111,19 +111,24 @@ def propose_drafts(
         ext_BX = torch.cat([tokens_BT, tokens_BT.new_zeros(B, depth)], dim=1)
         ext_BX[rows_B, last_B + 1] = next_B
         z_BTD = h_BTD  # the sequential style's next-token head is the trunk output itself
+    if depth < 2:
+        return tokens_BT.new_zeros(B, 0), None
+    if not sequential:
+        # Parallel heads draft independently: one unembedding and one choice for all of them.
+        if head_states is None:
+            head_states = [model.head_forward(i, h_BTD, rope) for i in range(1, depth)]
+        z_BJD = torch.stack([z_BTD[rows_B, last_B] for z_BTD in head_states], dim=1)
+        logits_BJV = model.logits(z_BJD)
+        drafts_BJ, q_XV = choose(logits_BJV.flatten(0, 1), params, generator)
+        q_BJV = None if params.greedy else q_XV.view(B, depth - 1, -1)
+        return drafts_BJ.view(B, depth - 1), q_BJV
     drafts, dists = [], []
     for i in range(1, depth):
-        if sequential:
-            z_BTD = model.head_forward(i, z_BTD, rope, ext_BX[:, i : i + T])
-        else:
-            z_BTD = head_states[i - 1] if head_states is not None else model.head_forward(i, h_BTD, rope)
+        z_BTD = model.head_forward(i, z_BTD, rope, ext_BX[:, i : i + T])
         draft_B, q_BV = choose(model.logits(z_BTD[rows_B, last_B]), params, generator)
-        if sequential:
-            ext_BX[rows_B, last_B + 1 + i] = draft_B
+        ext_BX[rows_B, last_B + 1 + i] = draft_B
         drafts.append(draft_B)
         dists.append(q_BV)
-    if not drafts:
-        return tokens_BT.new_zeros(B, 0), None
     q_BJV = None if params.greedy else torch.stack(dists, dim=1)
     return torch.stack(drafts, dim=1), q_BJV
 
