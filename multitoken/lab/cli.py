@@ -1,0 +1,19 @@
+"""The `multitoken lab ...` experiments, as (command path, typed function) pairs for multitoken.cli."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def lab_commands() -> list[tuple[tuple[str, ...], Callable[..., Any]]]:
+    """(command path, function) of every lab experiment; `lab scaling fit` is registered separately."""
+    from multitoken.lab.induction_heads import induction_heads_cli
+    from multitoken.lab.surprisal import surprisal_cli
+    from multitoken.lab.tasks import tasks_cli
+
+    return [
+        (("lab", "tasks"), tasks_cli),
+        (("lab", "surprisal"), surprisal_cli),
+        (("lab", "induction-heads"), induction_heads_cli),
+    ]
