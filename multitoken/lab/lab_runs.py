@@ -8,7 +8,6 @@ Dimension legend: B batch, T positions, N heads, V vocabulary, W windows, S stre
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,9 +182,9 @@ def command_line(path: tuple[str, ...], function, values: dict[str, Any]) -> lis
 
 
 def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from multitoken.experiments.runner import resolve_device
+
+    return torch.device(resolve_device(device))
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -277,26 +276,11 @@ def train_config(options: LabOptions, data: Path, run_dir: Path, model: dict[str
 def train_or_reuse(
     options: LabOptions, data: Path, run_dir: Path, label: str, model: dict[str, Any]
 ) -> LabRun:
-    """Train one lab model into run_dir, or reuse the finished identical run found there."""
-    from multitoken.train import TRAIN_CONFIG, train
+    """Train one lab model into run_dir, resume it, or reuse the finished identical run found there."""
+    from multitoken.experiments.runner import train_variant
 
-    cfg = train_config(options, data, run_dir, model)
-    saved_path = run_dir / TRAIN_CONFIG
-    if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
-        same = {k: v for k, v in saved.items() if k != "progress"} == {
-            k: v for k, v in cfg.to_dict().items() if k != "progress"
-        }
-        if not same:
-            raise UserError(f"{run_dir} holds a different run; choose another --out or delete it")
-        steps = checkpoint_steps(run_dir)
-        if not steps or steps[-1][0] < cfg.max_steps:
-            train(dataclasses.replace(cfg, resume=bool(steps)))
-        else:
-            print(f"reusing the finished run in {run_dir}")
-    else:
-        print(f"training {label} into {run_dir}")
-        train(cfg)
+    print(f"{label}: {run_dir}")
+    train_variant(train_config(options, data, run_dir, model))
     return read_run(run_dir, label)
 
 
