@@ -151,7 +151,8 @@ def _setup_mounts(job, in_pid_ns, sandbox_uid):
         os.chown(SANDBOX_WORK, sandbox_uid, sandbox_uid)
     remap = None
     if sandbox_uid is not None:
-        # The interpreter may live under a private dir (e.g. /root/.pyenv): expose its prefix read-only.
+        # The interpreter may live under a private directory (e.g. a pyenv in a home directory): expose its
+        # prefix read-only.
         os.mkdir(SANDBOX_PYTHON, 0o755)
         if _mount(sys.base_prefix, SANDBOX_PYTHON, None, MS_BIND | MS_REC):
             remap = (sys.base_prefix, SANDBOX_PYTHON)
