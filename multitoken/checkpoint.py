@@ -61,7 +61,7 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / TRAINER_STATE)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
-    _fsync_dir(tmp)
+    _fsync_files(tmp)
     if final.exists():  # re-saving the same step (e.g. interrupt right after a periodic save)
         old = root / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -174,7 +174,8 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_files(directory: Path) -> None:
+    """Flush every file of a checkpoint to disk before it is renamed into place."""
     for file in directory.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())

@@ -25,7 +25,7 @@ from multitoken.data.loader import TokenDataset
 from multitoken.distributed import Dist
 from multitoken.errors import UserError
 from multitoken.loss import IGNORE_INDEX, build_targets, head_metrics, multi_token_backward
-from multitoken.model import MultiTokenLM
+from multitoken.model import Block, MultiTokenLM
 
 TRAIN_CONFIG = "train_config.json"
 
@@ -178,9 +178,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self._prepare_run_dir()
         if cfg.compile:
-            for block in self.model.modules():
-                if type(block).__name__ == "Block":
-                    block.compile()
+            for module in self.model.modules():
+                if isinstance(module, Block):
+                    module.compile()  # in place: state_dict keys stay plain
 
     # ---- setup ----------------------------------------------------------------------------------
 
