@@ -11,9 +11,11 @@ def lab_commands() -> list[tuple[tuple[str, ...], Callable[..., Any]]]:
     from multitoken.lab.induction_heads import induction_heads_cli
     from multitoken.lab.surprisal import surprisal_cli
     from multitoken.lab.tasks import tasks_cli
+    from multitoken.lab.think import think_cli
 
     return [
         (("lab", "tasks"), tasks_cli),
         (("lab", "surprisal"), surprisal_cli),
         (("lab", "induction-heads"), induction_heads_cli),
+        (("lab", "think"), think_cli),
     ]
