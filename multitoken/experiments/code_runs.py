@@ -11,6 +11,7 @@ from multitoken.checkpoint import load_model
 from multitoken.data.shards import PrepareConfig, prepare
 from multitoken.experiments.decoding import held_out_prompts, measure_speculative
 from multitoken.experiments.runner import (
+    ModelBudget,
     base_train_config,
     final_validation,
     median_step_seconds,
@@ -19,22 +20,10 @@ from multitoken.experiments.runner import (
 )
 
 
-@dataclass
-class CodeScale:
+@dataclass(kw_only=True)
+class CodeScale(ModelBudget):
     """Model and budget of one scale of a code experiment."""
 
-    dim: int
-    """Model width."""
-    n_layers: int
-    """Blocks in total, the same for every n (parameter-matched)."""
-    n_heads: int
-    """Attention heads."""
-    max_steps: int
-    """Optimizer steps per model."""
-    batch_size: int
-    """Sequences per step."""
-    seq_len: int
-    """Tokens per training window."""
     max_documents: int
     """Corpus documents used (0: all)."""
     vocab_size: int
@@ -45,8 +34,6 @@ class CodeScale:
     """Tokens per prompt."""
     max_new_tokens: int
     """Tokens generated per prompt."""
-    lr: float = 2e-3
-    """Peak learning rate."""
 
 
 def prepare_code(root: Path, corpus: str, tokenizer: str, scale: CodeScale, seed: int) -> Path:

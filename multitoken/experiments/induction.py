@@ -26,6 +26,7 @@ from multitoken.data.sources import iter_documents
 from multitoken.errors import UserError
 from multitoken.experiments import stories
 from multitoken.experiments.runner import (
+    Budget,
     base_train_config,
     final_validation,
     pick_scale,
@@ -44,28 +45,18 @@ N_FUTURE = (1, 2)
 """Heads compared."""
 
 
-@dataclass
-class InductionScale:
+@dataclass(kw_only=True)
+class InductionScale(Budget):
     """Budget of one scale."""
 
     dims: tuple[int, ...]
     """Model widths swept (the x axis of the plot)."""
-    n_layers: int
-    """Blocks in total, the same for n = 1 and 2."""
-    max_steps: int
-    """Optimizer steps per model."""
-    batch_size: int
-    """Sequences per step."""
-    seq_len: int
-    """Tokens per training window, and the longest story prefix evaluated."""
     n_stories: int
     """Training stories (generated corpus)."""
     n_eval: int
     """Held-out stories on which the metric is measured."""
     vocab_size: int
     """BPE vocabulary before the name syllables are added."""
-    lr: float = 2e-3
-    """Peak learning rate."""
 
 
 SCALES = {

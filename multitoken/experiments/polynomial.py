@@ -18,6 +18,7 @@ from multitoken.checkpoint import load_model
 from multitoken.data.shards import PrepareConfig, prepare
 from multitoken.experiments import poly_ring
 from multitoken.experiments.runner import (
+    ModelBudget,
     base_train_config,
     final_validation,
     pick_scale,
@@ -37,28 +38,14 @@ N_FUTURE = (1, 2, 4)
 """Heads compared."""
 
 
-@dataclass
-class PolynomialScale:
+@dataclass(kw_only=True)
+class PolynomialScale(ModelBudget):
     """Budget of one scale."""
 
-    dim: int
-    """Model width."""
-    n_layers: int
-    """Blocks in total (parameter-matched across n)."""
-    n_heads: int
-    """Attention heads."""
-    max_steps: int
-    """Optimizer steps per variant."""
-    batch_size: int
-    """Sequences per step."""
-    seq_len: int
-    """Tokens per training window."""
     n_train: int
     """Training problems."""
     n_test: int
     """Test problems per operation count."""
-    lr: float = 2e-3
-    """Peak learning rate."""
 
 
 SCALES = {

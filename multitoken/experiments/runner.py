@@ -14,6 +14,7 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +32,32 @@ RUN_STATS = "experiment_stats.json"
 """Per-run file with what only the training process could measure (peak memory, wall time)."""
 
 T = TypeVar("T")
+
+
+@dataclass(kw_only=True)
+class Budget:
+    """Training budget shared by every experiment's scales."""
+
+    n_layers: int
+    """Blocks in total, the same for every n (parameter-matched)."""
+    max_steps: int
+    """Optimizer steps per model."""
+    batch_size: int
+    """Sequences per step."""
+    seq_len: int
+    """Tokens per training window."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+
+
+@dataclass(kw_only=True)
+class ModelBudget(Budget):
+    """A budget for one model width."""
+
+    dim: int
+    """Model width."""
+    n_heads: int
+    """Attention heads."""
 
 
 def pick_scale(scale: str, presets: Mapping[str, T]) -> T:

@@ -25,6 +25,7 @@ import torch
 from multitoken.checkpoint import load_model
 from multitoken.data.shards import PrepareConfig, prepare
 from multitoken.experiments.runner import (
+    ModelBudget,
     base_train_config,
     final_validation,
     pick_scale,
@@ -50,30 +51,16 @@ VAL_FRACTION = 0.05
 """Share of training problems kept for the validation loss (enough for a window even at debug scale)."""
 
 
-@dataclass
-class ThinkScale:
+@dataclass(kw_only=True)
+class ThinkScale(ModelBudget):
     """Budget of one scale."""
 
     digits: tuple[int, int]
     """Digits per operand, inclusive range (trained and tested)."""
-    dim: int
-    """Model width."""
-    n_layers: int
-    """Blocks in total (parameter-matched across n)."""
-    n_heads: int
-    """Attention heads."""
-    max_steps: int
-    """Optimizer steps per model."""
-    batch_size: int
-    """Sequences per step."""
-    seq_len: int
-    """Tokens per training window."""
     n_train: int
     """Training problems per format (the token budget, not this, is what is matched)."""
     n_test: int
     """Held-out test problems per digit count (at most a quarter of the possible pairs)."""
-    lr: float = 2e-3
-    """Peak learning rate."""
 
 
 SCALES = {
