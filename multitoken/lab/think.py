@@ -300,6 +300,16 @@ def table(results: dict[str, dict], preset: ThinkScale) -> tuple[list[str], list
     return header, rows
 
 
+LEARNED_THRESHOLD = 10.0
+"""Mean exact match (%) below which the report says that no format was learned."""
+
+
+def _two_standard_errors(a_pct: float, b_pct: float, n: int) -> float:
+    """Two binomial standard errors (in points) of the difference of two exact-match rates over n problems."""
+    a, b = a_pct / 100, b_pct / 100
+    return 200 * ((a * (1 - a) + b * (1 - b)) / max(n, 1)) ** 0.5
+
+
 def answer_text(results: dict[str, dict], preset: ThinkScale, tests: dict[int, list]) -> str:
     """The answer paragraph, computed from the exact-match numbers."""
     top = preset.digits[1]
@@ -310,6 +320,7 @@ def answer_text(results: dict[str, dict], preset: ThinkScale, tests: dict[int, l
     def em_top(fmt: str, n: int) -> float:
         return 100 * results[f"{fmt}-n{n}"]["exact_match_by_digits"][top]
 
+    n_test = sum(len(pairs) for pairs in tests.values())
     sizes = sorted({len(pairs) for pairs in tests.values()})
     size_text = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     ratio = results["scratchpad-n1"]["problems_seen"] / results["direct-n1"]["problems_seen"]
@@ -319,7 +330,8 @@ def answer_text(results: dict[str, dict], preset: ThinkScale, tests: dict[int, l
         leaders = [fmt for fmt in FORMATS if scores[fmt] == max(scores.values())]
         best = leaders[0] if len(leaders) == 1 else "a tie of " + " and ".join(leaders)
         gap = em("scratchpad", n) - em("direct", n)
-        verdict = "helps" if gap > 0 else "does not help" if gap < 0 else "makes no difference"
+        noise = _two_standard_errors(em("scratchpad", n), em("direct", n), n_test)
+        verdict = "makes no difference beyond noise" if abs(gap) <= noise else "helps" if gap > 0 else "hurts"
         parts.append(
             f"with n={n}, mean exact match is "
             + ", ".join(f"{fmt} {em(fmt, n):.1f}%" for fmt in FORMATS)
@@ -328,8 +340,14 @@ def answer_text(results: dict[str, dict], preset: ThinkScale, tests: dict[int, l
         )
     change = (em("scratchpad", 2) - em("direct", 2)) - (em("scratchpad", 1) - em("direct", 1))
     mtp = [f"{fmt} {em(fmt, 2) - em(fmt, 1):+.1f}" for fmt in FORMATS]
+    best_mean = max(em(fmt, n) for fmt in FORMATS for n in N_FUTURE)
+    lead = (
+        f"No format was learned at this budget (the best mean exact match is {best_mean:.1f}%). "
+        if best_mean < LEARNED_THRESHOLD
+        else ""
+    )
     return (
-        "W" + "; ".join(parts)[1:] + ". "
+        lead + "W" + "; ".join(parts)[1:] + ". "
         f"Going from n=1 to n=2 changes the scratchpad's advantage by {change:+.1f} points "
         f"(n=2 minus n=1 per format: {', '.join(mtp)} points). "
         f"Every model saw the same number of training tokens, so the scratchpad models saw about "
