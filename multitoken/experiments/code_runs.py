@@ -12,7 +12,6 @@ from multitoken.data.shards import PrepareConfig, prepare
 from multitoken.experiments.decoding import held_out_prompts, measure_speculative
 from multitoken.experiments.runner import (
     ModelBudget,
-    base_train_config,
     final_validation,
     median_step_seconds,
     run_stats,
@@ -55,22 +54,14 @@ def run_code_variant(
     root: Path, data: Path, scale: CodeScale, n: int, seed: int, device: str, progress: bool
 ) -> dict[str, Any]:
     """Train (or reuse) the n-head model and measure it: loss, per-head accuracy, speed, memory, speculation."""
-    cfg = base_train_config(
-        data=str(data),
-        out=str(root / "runs" / f"n{n}"),
-        preset="debug",
-        model=dict(dim=scale.dim, n_layers=scale.n_layers, n_heads=scale.n_heads, n_kv_heads=scale.n_heads,
-                   n_future=n, max_seq_len=max(scale.seq_len, scale.prompt_len + scale.max_new_tokens)),
-        batch_size=scale.batch_size,
-        seq_len=scale.seq_len,
-        max_steps=scale.max_steps,
-        warmup_steps=max(1, scale.max_steps // 20),
-        lr=scale.lr,
-        save_every=max(1, scale.max_steps // 4),
+    cfg = scale.train_config(
+        data=data,
+        out=root / "runs" / f"n{n}",
+        model=scale.model_fields(n, max_seq_len=max(scale.seq_len, scale.prompt_len + scale.max_new_tokens)),
         seed=seed,
         device=device,
         progress=progress,
-    )  # fmt: skip
+    )
     run_dir = train_variant(cfg)
     val = final_validation(run_dir)
     stats = run_stats(run_dir)

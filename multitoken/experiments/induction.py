@@ -27,7 +27,6 @@ from multitoken.errors import UserError
 from multitoken.experiments import stories
 from multitoken.experiments.runner import (
     Budget,
-    base_train_config,
     final_validation,
     pick_scale,
     print_table,
@@ -279,22 +278,16 @@ def induction(
     for dim in preset.dims:
         for n in N_FUTURE:
             n_heads = max(1, dim // 16)
-            cfg = base_train_config(
-                data=str(data.data),
-                out=str(root / "runs" / f"d{dim}-n{n}"),
-                preset="debug",
-                model=dict(dim=dim, n_layers=preset.n_layers, n_heads=n_heads, n_kv_heads=n_heads, n_future=n,
-                           max_seq_len=max(preset.seq_len, 64)),
-                batch_size=preset.batch_size,
-                seq_len=preset.seq_len,
-                max_steps=preset.max_steps,
-                warmup_steps=max(1, preset.max_steps // 20),
-                lr=preset.lr,
-                save_every=max(1, preset.max_steps // 4),
+            model = dict(dim=dim, n_layers=preset.n_layers, n_heads=n_heads, n_kv_heads=n_heads, n_future=n,
+                         max_seq_len=max(preset.seq_len, 64))  # fmt: skip
+            cfg = preset.train_config(
+                data=data.data,
+                out=root / "runs" / f"d{dim}-n{n}",
+                model=model,
                 seed=seed,
                 device=device,
                 progress=scale != "debug",
-            )  # fmt: skip
+            )
             run_dir = train_variant(cfg)
             model = load_model(run_dir, device)
             metrics = name_accuracy(model, data, preset.seq_len)

@@ -19,7 +19,6 @@ from multitoken.data.shards import PrepareConfig, prepare
 from multitoken.experiments import poly_ring
 from multitoken.experiments.runner import (
     ModelBudget,
-    base_train_config,
     final_validation,
     pick_scale,
     print_table,
@@ -131,22 +130,14 @@ def polynomial(
     tests = test_sets(seed + 1, preset.n_test, {doc.split("=")[0] + "=" for doc in train_docs})
     results: dict[str, dict] = {}
     for n in N_FUTURE:
-        cfg = base_train_config(
-            data=str(data),
-            out=str(root / "runs" / f"n{n}"),
-            preset="debug",
-            model=dict(dim=preset.dim, n_layers=preset.n_layers, n_heads=preset.n_heads, n_kv_heads=preset.n_heads,
-                       n_future=n, max_seq_len=256),
-            batch_size=preset.batch_size,
-            seq_len=preset.seq_len,
-            max_steps=preset.max_steps,
-            warmup_steps=max(1, preset.max_steps // 20),
-            lr=preset.lr,
-            save_every=max(1, preset.max_steps // 4),
+        cfg = preset.train_config(
+            data=data,
+            out=root / "runs" / f"n{n}",
+            model=preset.model_fields(n, max_seq_len=256),
             seed=seed,
             device=device,
             progress=scale != "debug",
-        )  # fmt: skip
+        )
         run_dir = train_variant(cfg)
         model = load_model(run_dir, device)
         per_ops = {k: exact_match(model, docs) for k, docs in tests.items()}

@@ -49,6 +49,37 @@ class Budget:
     lr: float = 2e-3
     """Peak learning rate."""
 
+    def train_config(
+        self,
+        *,
+        data: str | Path,
+        out: str | Path,
+        model: dict[str, Any],
+        seed: int,
+        device: str,
+        progress: bool,
+    ) -> TrainConfig:
+        """One variant's TrainConfig: 5% warmup, 4 checkpoints all kept, no TensorBoard."""
+        return TrainConfig(
+            data=str(data),
+            out=str(out),
+            preset="debug",
+            model=model,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            max_steps=self.max_steps,
+            warmup_steps=max(1, self.max_steps // 20),
+            lr=self.lr,
+            save_every=max(1, self.max_steps // 4),
+            keep=0,
+            tensorboard=False,
+            val_every=0,
+            log_every=10,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
+
 
 @dataclass(kw_only=True)
 class ModelBudget(Budget):
@@ -58,6 +89,17 @@ class ModelBudget(Budget):
     """Model width."""
     n_heads: int
     """Attention heads."""
+
+    def model_fields(self, n_future: int, max_seq_len: int) -> dict[str, Any]:
+        """ModelConfig overrides for this width with n_future heads (plain multi-head attention)."""
+        return dict(
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_heads,
+            n_future=n_future,
+            max_seq_len=max_seq_len,
+        )
 
 
 def pick_scale(scale: str, presets: Mapping[str, T]) -> T:
@@ -191,9 +233,3 @@ def peak_memory_mib(device: torch.device) -> float:
 def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     """The experiment's summary table on stdout."""
     print(f"\n{title}\n{format_table(header, rows)}", flush=True)
-
-
-def base_train_config(**values: Any) -> TrainConfig:
-    """TrainConfig with the experiments' defaults: all checkpoints kept, no TensorBoard."""
-    defaults: dict[str, Any] = dict(keep=0, tensorboard=False, val_every=0, log_every=10)
-    return TrainConfig(**{**defaults, **values})

@@ -26,7 +26,6 @@ from multitoken.checkpoint import load_model
 from multitoken.data.shards import PrepareConfig, prepare
 from multitoken.experiments.runner import (
     ModelBudget,
-    base_train_config,
     final_validation,
     pick_scale,
     print_table,
@@ -204,22 +203,14 @@ def train_one(
     root: Path, data: Path, fmt: str, n: int, preset: ThinkScale, seed: int, device: str, progress: bool
 ) -> Path:
     """Train (or resume, or reuse) the model of one format and head count; returns its run directory."""
-    cfg = base_train_config(
-        data=str(data),
-        out=str(root / "runs" / f"{fmt}-n{n}"),
-        preset="debug",
-        model=dict(dim=preset.dim, n_layers=preset.n_layers, n_heads=preset.n_heads, n_kv_heads=preset.n_heads,
-                   n_future=n, max_seq_len=256),
-        batch_size=preset.batch_size,
-        seq_len=preset.seq_len,
-        max_steps=preset.max_steps,
-        warmup_steps=max(1, preset.max_steps // 20),
-        lr=preset.lr,
-        save_every=max(1, preset.max_steps // 4),
+    cfg = preset.train_config(
+        data=data,
+        out=root / "runs" / f"{fmt}-n{n}",
+        model=preset.model_fields(n, max_seq_len=256),
         seed=seed,
         device=device,
         progress=progress,
-    )  # fmt: skip
+    )
     return train_variant(cfg)
 
 
