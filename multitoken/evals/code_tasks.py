@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from multitoken.errors import UserError
 
@@ -81,35 +82,44 @@ def mbpp_prompt(text: str, first_test: str) -> str:
     return f'"""\n{text}\n{first_test}\n"""\n'
 
 
-def load_mbpp(path: str | Path) -> list[CodeTask]:
-    """MBPP tasks from the original ``mbpp.jsonl`` (completions are whole programs; tests = test_list)."""
+def read_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line; UserError for a missing file or bad JSON."""
     source = Path(path)
     if not source.is_file():
-        raise UserError(f"MBPP data file not found: {source}")
-    tasks = []
+        raise UserError(f"{what} file not found: {source}")
     with source.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                tests = list(row["test_list"])
-                task = CodeTask(
-                    task_id=f"MBPP/{row['task_id']}",
-                    prompt=mbpp_prompt(row["text"], tests[0]),
-                    canonical_solution=row["code"],
-                    # As specified (and as harnesses that ignore test_setup_code): setup runs before the
-                    # completion, so the two tasks whose setup uses a class the solution defines (367, 927)
-                    # cannot pass; that is why 972 of the 974 reference solutions pass.
-                    prefix=(row.get("test_setup_code") or "").strip() + "\n"
-                    if row.get("test_setup_code")
-                    else "",
-                    tests="\n" + "\n".join(tests) + "\n",
-                    stop_sequences=MBPP_STOPS,
-                )
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
-                raise UserError(f"{source}:{lineno}: not an MBPP record ({type(exc).__name__})") from exc
-            tasks.append(task)
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{source}:{lineno}: not valid JSON") from exc
+
+
+def load_mbpp(path: str | Path) -> list[CodeTask]:
+    """MBPP tasks from the original ``mbpp.jsonl`` (completions are whole programs; tests = test_list)."""
+    source = Path(path)
+    tasks = []
+    for lineno, row in read_jsonl(source, "MBPP data"):
+        try:
+            tests = list(row["test_list"])
+            task = CodeTask(
+                task_id=f"MBPP/{row['task_id']}",
+                prompt=mbpp_prompt(row["text"], tests[0]),
+                canonical_solution=row["code"],
+                # As specified (and as harnesses that ignore test_setup_code): setup runs before the
+                # completion, so the two tasks whose setup uses a class the solution defines (367, 927)
+                # cannot pass; that is why 972 of the 974 reference solutions pass.
+                prefix=(row.get("test_setup_code") or "").strip() + "\n"
+                if row.get("test_setup_code")
+                else "",
+                tests="\n" + "\n".join(tests) + "\n",
+                stop_sequences=MBPP_STOPS,
+            )
+        except (KeyError, IndexError, TypeError) as exc:
+            raise UserError(f"{source}:{lineno}: not an MBPP record ({type(exc).__name__})") from exc
+        tasks.append(task)
     if not tasks:
         raise UserError(f"MBPP data file has no tasks: {source}")
     return tasks

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from multitoken.errors import UserError
-from multitoken.evals.code_tasks import CodeTask, load_humaneval, load_mbpp
+from multitoken.evals.code_tasks import CodeTask, load_humaneval, load_mbpp, read_jsonl
 from multitoken.evals.passk import DEFAULT_KS, mean_pass_at_k
 from multitoken.evals.sandbox import ExecResult, SandboxLimits, run_many
 
@@ -46,25 +46,12 @@ def _canonical_id(raw: Any, tasks: dict[str, CodeTask]) -> str:
 def read_samples(path: str | Path, tasks: dict[str, CodeTask]) -> list[dict[str, Any]]:
     """Sample records (each with "task_id" and "completion") from a JSONL file, task ids validated."""
     source = Path(path)
-    if not source.is_file():
-        raise UserError(f"samples file not found: {source}")
     samples = []
-    with source.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{source}:{lineno}: not valid JSON") from exc
-            if (
-                not isinstance(row, dict)
-                or "task_id" not in row
-                or not isinstance(row.get("completion"), str)
-            ):
-                raise UserError(f"{source}:{lineno}: needs a task_id and a string completion")
-            row["_task"] = _canonical_id(row["task_id"], tasks)
-            samples.append(row)
+    for lineno, row in read_jsonl(source, "samples"):
+        if not isinstance(row, dict) or "task_id" not in row or not isinstance(row.get("completion"), str):
+            raise UserError(f"{source}:{lineno}: needs a task_id and a string completion")
+        row["_task"] = _canonical_id(row["task_id"], tasks)
+        samples.append(row)
     if not samples:
         raise UserError(f"samples file has no samples: {source}")
     return samples
