@@ -82,16 +82,19 @@ def multi_token_backward(
     pad_id: int | None = None,
     normalizer_N: Tensor | None = None,
     loss_scale: float = 1.0,
+    targets_BTN: Tensor | None = None,
 ) -> list[float]:
     """Forward and backward for one batch; gradients accumulate in `.grad`. Returns per-head mean losses.
 
     Each head's loss is its cross-entropy sum divided by `normalizer_N[i]` (default: its number of
     targets in this batch), weighted by `config.loss_weights[i]` and scaled by `loss_scale`. Passing the
     target counts of the whole global batch makes gradients independent of how it is split across
-    micro-batches and ranks. Heads with weight 0 are skipped and reported as NaN.
+    micro-batches and ranks. Heads with weight 0 are skipped and reported as NaN. A caller that already
+    built this batch's `targets_BTN` (with `build_targets`) may pass them in.
     """
     config = model.config
-    targets_BTN = build_targets(tokens_BT, config.head_offsets, sep_id=sep_id, pad_id=pad_id)
+    if targets_BTN is None:
+        targets_BTN = build_targets(tokens_BT, config.head_offsets, sep_id=sep_id, pad_id=pad_id)
     counts_N = target_counts(targets_BTN)
     if normalizer_N is None:
         normalizer_N = counts_N

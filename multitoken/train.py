@@ -266,6 +266,7 @@ class Trainer:
                     chunk_size=cfg.chunk_size,
                     sep_id=self.train_data.eos_id,
                     normalizer_N=counts_N,
+                    targets_BTN=targets_BTN[start : start + self.micro_rows].to(self.device),
                 )
             micro_counts_N = row_counts_BN[start : start + self.micro_rows].sum(dim=0)
             loss_sums_N += torch.tensor(losses, dtype=torch.float64).nan_to_num() * micro_counts_N
