@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from multitoken.checkpoint import load_model
+from multitoken.checkpoint import load_checkpoint
+from multitoken.data.loader import TokenDataset
 from multitoken.data.shards import PrepareConfig, prepare
+from multitoken.evals.perplexity import evaluate_loss
 from multitoken.experiments.decoding import held_out_prompts, measure_speculative
 from multitoken.experiments.runner import (
     ModelBudget,
-    final_validation,
     median_step_seconds,
     run_stats,
     train_variant,
@@ -33,6 +34,8 @@ class CodeScale(ModelBudget):
     """Tokens per prompt."""
     max_new_tokens: int
     """Tokens generated per prompt."""
+    eval_windows: int = 256
+    """Validation windows of seq_len tokens scored for loss, accuracy and bits per byte (at most)."""
 
 
 def prepare_code(root: Path, corpus: str, tokenizer: str, scale: CodeScale, seed: int) -> Path:
@@ -53,7 +56,8 @@ def prepare_code(root: Path, corpus: str, tokenizer: str, scale: CodeScale, seed
 def run_code_variant(
     root: Path, data: Path, scale: CodeScale, n: int, seed: int, device: str, progress: bool
 ) -> dict[str, Any]:
-    """Train (or reuse) the n-head model and measure it: loss, per-head accuracy, speed, memory, speculation."""
+    """Train (or reuse) the n-head model in its own process and measure it: validation loss, bits per byte and
+    per-head accuracy (`evaluate_loss` on up to `eval_windows` windows), step time, peak memory, speculation."""
     cfg = scale.train_config(
         data=data,
         out=root / "runs" / f"n{n}",
@@ -62,17 +66,20 @@ def run_code_variant(
         device=device,
         progress=progress,
     )
-    run_dir = train_variant(cfg)
-    val = final_validation(run_dir)
+    run_dir = train_variant(cfg, isolated=True)
     stats = run_stats(run_dir)
-    model = load_model(run_dir, device)
+    model, tokenizer = load_checkpoint(run_dir, device)
+    val = evaluate_loss(model, TokenDataset(data, "val"), scale.seq_len, scale.eval_windows, tokenizer)
     prompts = held_out_prompts(str(data), scale.n_prompts, scale.prompt_len)
     spec = measure_speculative(model, prompts, scale.max_new_tokens)
     return {
         "n_future": n,
         "params": model.num_params(),
-        "val_loss": val["val_loss"],
-        "val_acc_per_head": [val[f"val_acc_head{i + 1}"] for i in range(n)],
+        "val_loss": val.loss,
+        "bits_per_byte": val.bits_per_byte,
+        "val_loss_per_head": [head.loss for head in val.heads],
+        "val_acc_per_head": [head.accuracy for head in val.heads],
+        "val_tokens": val.tokens,
         "step_seconds": median_step_seconds(run_dir, cfg.batch_size * cfg.seq_len),
         "peak_memory_mib": stats.get("peak_memory_mib", float("nan")),
         "peak_memory_increase_mib": stats.get("peak_memory_increase_mib", float("nan")),

@@ -98,10 +98,10 @@ def _write_report(root: Path, scale: str, preset: CodeScale, results: dict, devi
     memory_ax.set_ylabel("peak memory over start of training (MiB)", color="tab:green")
     axes[1][1].set_title("Training cost")
     report.save_figure(fig, "nsweep.png", "Loss, per-head accuracy, speculative decoding and cost against n")
-    header = ["n", "params", "val loss (nats)", "head-1 acc (%)", "tokens/forward", "speedup (x)",
+    header = ["n", "params", "val loss (nats)", "bits per byte", "head-1 acc (%)", "tokens/forward", "speedup (x)",
               "step time (s)", "step time vs n=1", "peak memory (MiB)", "peak over start (MiB)"]  # fmt: skip
     rows = [
-        [r["n_future"], r["params"], r["val_loss"], 100 * r["val_acc_per_head"][0],
+        [r["n_future"], r["params"], r["val_loss"], r["bits_per_byte"], 100 * r["val_acc_per_head"][0],
          r["speculative"]["tokens_per_forward"], r["speculative"]["speedup"], r["step_seconds"],
          r["step_seconds"] / base_step, r["peak_memory_mib"], r["peak_memory_increase_mib"]]
         for r in rs
@@ -115,10 +115,10 @@ def _write_report(root: Path, scale: str, preset: CodeScale, results: dict, devi
         f"{fastest['speculative']['speedup']:.2f}x wall-clock). Step time at n = {ns[-1]} is "
         f"{rs[-1]['step_seconds'] / base_step:.2f}x that of n = 1 (paper, Table S5: 1.22x for n = 4 at 0.3B)."
     )
-    memory_note = "torch.cuda.max_memory_allocated" if device.startswith("cuda") else (
-        "process RSS high-water mark (VmHWM, reset before each run), and its increase over the RSS when the "
-        "run started (freed memory kept by the allocator from earlier runs can hide part of it)"
-    )  # fmt: skip
+    memory_note = (
+        ("torch.cuda.max_memory_allocated" if device.startswith("cuda") else "RSS high-water mark (VmHWM)")
+        + " of the process that trained the run (each run trains in a fresh process), and its increase over the start"
+    )
     report.write(
         answer,
         results,
@@ -128,6 +128,7 @@ def _write_report(root: Path, scale: str, preset: CodeScale, results: dict, devi
             "training": f"{preset.max_steps} steps x {preset.batch_size} x {preset.seq_len} tokens",
             "peak memory": memory_note,
             "step time": "median over logged steps of batch tokens / tokens per second",
+            "validation": f"evaluate_loss on up to {preset.eval_windows} windows of {preset.seq_len} tokens",
         },
     )
     print_table("nsweep: n = 1, 2, 4, 6, 8", header, rows)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import resource
 import sys
 import time
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -131,10 +133,12 @@ def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     return sorted(k for k in mine if k not in RESUME_MUTABLE and saved.get(k) != mine[k])
 
 
-def train_variant(cfg: TrainConfig) -> Path:
+def train_variant(cfg: TrainConfig, isolated: bool = False) -> Path:
     """Train `cfg` into `cfg.out`, resume it if partial, or reuse it if complete; returns the run directory.
 
-    Writes RUN_STATS (peak memory during training, wall time) beside the checkpoints.
+    Writes RUN_STATS (peak memory during training, wall time) beside the checkpoints. `isolated` trains
+    in a fresh (spawned) process, so the peak memory is this run's alone and not the high-water mark
+    of every earlier run in this process (on CPU the RSS peak can't be reset below what is resident).
     """
     run_dir = Path(cfg.out)
     saved_path = run_dir / TRAIN_CONFIG
@@ -153,19 +157,31 @@ def train_variant(cfg: TrainConfig) -> Path:
         saved_path.unlink()
         (run_dir / METRICS).unlink(missing_ok=True)
     cfg = dataclasses.replace(cfg, resume=done > 0)
+    if isolated:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            stats = pool.submit(_train_measured, cfg, torch.get_num_threads()).result()
+    else:
+        stats = _train_measured(cfg)
+    ckpt_io.write_json(run_dir / RUN_STATS, stats)
+    return run_dir
+
+
+def _train_measured(cfg: TrainConfig, threads: int | None = None) -> dict[str, float]:
+    """Train `cfg` and measure it: peak memory (absolute and over the start) and wall time."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = torch.device(resolve_device(cfg.device))
     reset_peak_memory(device)
     baseline = current_memory_mib(device)
     started = time.perf_counter()
     train(cfg)
     peak = peak_memory_mib(device)
-    stats = {
+    return {
         "peak_memory_mib": peak,
         "peak_memory_increase_mib": peak - baseline,
         "train_seconds": time.perf_counter() - started,
     }
-    ckpt_io.write_json(run_dir / RUN_STATS, stats)
-    return run_dir
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
