@@ -557,7 +557,7 @@ def _when(step: int | None) -> str:
 
 def induction_heads_cli(
     out: str = "reports/lab/induction-heads",
-    scale: Literal["debug", "small", "medium"] = "debug",
+    scale: Literal["debug", "small", "medium"] = "small",
     checkpoint: str | None = None,
     data: str | None = None,
     source: str | None = None,

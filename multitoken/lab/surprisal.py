@@ -349,7 +349,7 @@ def _answer(runs, results, n_tokens: int) -> str:
 
 def surprisal_cli(
     out: str = "reports/lab/surprisal",
-    scale: Literal["debug", "small", "medium"] = "debug",
+    scale: Literal["debug", "small", "medium"] = "small",
     checkpoint: str | None = None,
     text: str | None = None,
     data: str | None = None,

@@ -404,7 +404,7 @@ def _answer(runs, curves, finals, probe_results, present: list[int], domain: str
 
 def tasks_cli(
     out: str = "reports/lab/tasks",
-    scale: Literal["debug", "small", "medium"] = "debug",
+    scale: Literal["debug", "small", "medium"] = "small",
     checkpoint: str | None = None,
     data: str | None = None,
     source: str | None = None,

@@ -156,7 +156,22 @@ def code_data(tmp_path_factory):
 
 def test_lab_induction_heads_end_to_end(code_data, tmp_path):
     out = tmp_path / "induction"
-    assert main(["lab", "induction-heads", "--out", str(out), "--data", str(code_data), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "lab",
+                "induction-heads",
+                "--out",
+                str(out),
+                "--data",
+                str(code_data),
+                "--no-progress",
+                "--scale",
+                "debug",
+            ]
+        )
+        == 0
+    )
     for name in ("report.md", "results.json", "phase_change.png", "heads.png", "heads_over_training.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())["results"]

@@ -78,7 +78,7 @@ def test_lab_surprisal_end_to_end(text_data, tmp_path):
     text_file = tmp_path / "story.txt"
     text_file.write_text(TEXT * 2)
     argv = ["lab", "surprisal", "--out", str(out), "--data", str(text_data), "--text", str(text_file)]
-    assert main([*argv, "--show-tokens", "80", "--no-progress"]) == 0
+    assert main([*argv, "--show-tokens", "80", "--no-progress", "--scale", "debug"]) == 0
     for name in ("report.md", "results.json", "surprisal_distribution.png", "surprisal_text_n1.png"):
         assert (out / name).is_file(), name
     page = (out / "surprisal_n2.html").read_text()
@@ -91,5 +91,19 @@ def test_lab_surprisal_end_to_end(text_data, tmp_path):
 
 
 def test_lab_surprisal_missing_text_exits_2(tmp_path, capsys):
-    assert main(["lab", "surprisal", "--out", str(tmp_path), "--text", str(tmp_path / "missing.txt")]) == 2
+    assert (
+        main(
+            [
+                "lab",
+                "surprisal",
+                "--out",
+                str(tmp_path),
+                "--text",
+                str(tmp_path / "missing.txt"),
+                "--scale",
+                "debug",
+            ]
+        )
+        == 2
+    )
     assert "missing.txt" in capsys.readouterr().err

@@ -162,6 +162,8 @@ def test_lab_tasks_end_to_end(code_data, tmp_path):
         "--probes",
         str(probes),
         "--no-progress",
+        "--scale",
+        "debug",
     ]
     assert main(argv) == 0
     for name in ("report.md", "results.json", "tag_curves.png", "tag_loss.png", "per_head.png", "probes.png"):
@@ -191,6 +193,8 @@ def test_lab_tasks_end_to_end(code_data, tmp_path):
                 "--data",
                 str(code_data),
                 "--no-progress",
+                "--scale",
+                "debug",
             ]
         )
         == 0
@@ -201,11 +205,53 @@ def test_lab_tasks_end_to_end(code_data, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(lr.checkpoint_steps(ckpt)[-1][1], bare)
     (bare / "tokenizer.json").unlink()
-    assert main(["lab", "tasks", "--out", str(tmp_path / "bare_out"), "--checkpoint", str(bare)]) == 2
+    assert (
+        main(
+            [
+                "lab",
+                "tasks",
+                "--out",
+                str(tmp_path / "bare_out"),
+                "--checkpoint",
+                str(bare),
+                "--scale",
+                "debug",
+            ]
+        )
+        == 2
+    )
 
 
 def test_lab_bad_input_exits_2(code_data, tmp_path, capsys):
     assert main(["lab", "no-such-experiment"]) == 2
-    assert main(["lab", "tasks", "--out", str(tmp_path), "--probes", str(tmp_path / "nope.jsonl")]) == 2
+    assert (
+        main(
+            [
+                "lab",
+                "tasks",
+                "--out",
+                str(tmp_path),
+                "--probes",
+                str(tmp_path / "nope.jsonl"),
+                "--scale",
+                "debug",
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
-    assert main(["lab", "tasks", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert (
+        main(
+            [
+                "lab",
+                "tasks",
+                "--out",
+                str(tmp_path),
+                "--checkpoint",
+                str(tmp_path / "nope"),
+                "--scale",
+                "debug",
+            ]
+        )
+        == 2
+    )
