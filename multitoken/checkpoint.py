@@ -115,17 +115,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> MultiTok
     return model.to(device).eval()
 
 
+def check_config(config: ModelConfig, ckpt: str | Path) -> None:
+    """Refuse a checkpoint whose model config differs from `config`."""
+    ckpt = Path(ckpt)
+    saved = ModelConfig.load(ckpt / CONFIG)
+    if saved != config:
+        diffs = [
+            f"{k} {getattr(saved, k)!r} vs {getattr(config, k)!r}"
+            for k in saved.to_dict()
+            if getattr(saved, k) != getattr(config, k)
+        ]
+        raise UserError(f"checkpoint {ckpt} does not match the model: {'; '.join(diffs)}")
+
+
 def load_weights(model: MultiTokenLM, ckpt: str | Path) -> None:
     """Load a checkpoint's weights into `model`, refusing one whose config differs."""
     ckpt = Path(ckpt)
-    saved = ModelConfig.load(ckpt / CONFIG)
-    if saved != model.config:
-        diffs = [
-            f"{k} {getattr(saved, k)!r} vs {getattr(model.config, k)!r}"
-            for k in saved.to_dict()
-            if getattr(saved, k) != getattr(model.config, k)
-        ]
-        raise UserError(f"checkpoint {ckpt} does not match the model: {'; '.join(diffs)}")
+    check_config(model.config, ckpt)
     missing, unexpected = load_safetensors(plain_module(model), str(ckpt / WEIGHTS), strict=False)
     if missing or unexpected:
         raise UserError(
@@ -143,11 +149,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     return model, (load_tokenizer(ckpt) if has_tokenizer else None)
 
 
-def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
+def load_trainer_state(ckpt: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The trainer state of a checkpoint; with `mmap`, tensors are read from the file only when used."""
     path = Path(ckpt) / TRAINER_STATE
     if not path.is_file():
         raise UserError(f"checkpoint {ckpt} has no trainer state to resume from")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def plain_module(model: torch.nn.Module) -> torch.nn.Module:

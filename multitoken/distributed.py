@@ -2,6 +2,7 @@
 
 Gradients are all-reduced by hand rather than through DistributedDataParallel: the memory-efficient
 loss runs one backward per head and chunk, and DDP's reducer expects exactly one backward per forward.
+Sharded training (FSDP2) lives in `fsdp.py`.
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ class Dist:
                 for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
                     g.copy_(reduced)
                 bucket, size = [], 0
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of every rank's `value`."""
+        if self.world_size == 1:
+            return value
+        reduced = torch.tensor([value], device=self.device)
+        torch_dist.all_reduce(reduced, op=torch_dist.ReduceOp.MAX)
+        return int(reduced.item())
 
     def any_flag(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank (e.g. a stop request)."""

@@ -1,4 +1,4 @@
-"""Trainer: setup -> fit -> validate -> save. Single process, or DDP under torchrun.
+"""Trainer: setup -> fit -> validate -> save. Single process, or data parallel or FSDP2 under torchrun.
 
 The global batch (`batch_size` sequences per optimizer step) is a function of (seed, step) only and is
 split across ranks and micro-batches; every head's loss is normalised by its target count over the
@@ -72,6 +72,8 @@ class TrainConfig:
     """float32 or bfloat16 autocast; auto means bfloat16 on CUDA and float32 on CPU."""
     compile: bool = False
     """torch.compile each block (GPU)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over the torchrun processes (FSDP2); needs 2 or more."""
     memory_efficient: bool = True
     """Run heads' forward/backward one at a time (the paper's memory-efficient schedule)."""
     chunk_size: int = 2048
@@ -133,6 +135,7 @@ RESUME_MUTABLE = {
     "progress",
     "tensorboard",
     "device",
+    "fsdp",
 }
 
 
@@ -159,6 +162,11 @@ class Trainer:
         self.cfg = cfg
         self.dist = Dist.from_env(cfg.device)
         self.device = self.dist.device
+        if cfg.fsdp and self.dist.world_size < 2:
+            raise UserError(
+                "--fsdp shards over processes: launch with torchrun --nproc_per_node N (N >= 2), or pass --no-fsdp"
+            )
+        self.sharded = cfg.fsdp
         self.run_dir = Path(cfg.out)
         self.train_data = TokenDataset(cfg.data, "train")
         self.val_data = TokenDataset(cfg.data, "val")
@@ -174,13 +182,19 @@ class Trainer:
         self._stop_requested = False
 
         torch.manual_seed(cfg.seed)
-        self.model = MultiTokenLM(self.model_config).to(self.device)
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
-        self._prepare_run_dir()
+        self.model = MultiTokenLM(self.model_config)
         if cfg.compile:
             for module in self.model.modules():
                 if isinstance(module, Block):
                     module.compile()  # in place: state_dict keys stay plain
+        if self.sharded:
+            from multitoken import fsdp
+
+            fsdp.shard_model(self.model, self.device, self.dist.world_size)  # also moves shards to the device
+        else:
+            self.model.to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self._prepare_run_dir()
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -232,13 +246,27 @@ class Trainer:
             )
 
     def _load_state(self, latest: Path) -> None:
-        ckpt_io.load_weights(self.model, latest)
-        state = ckpt_io.load_trainer_state(latest)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            state = self._load_sharded_state(latest)
+        else:
+            ckpt_io.load_weights(self.model, latest)
+            state = ckpt_io.load_trainer_state(latest)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         torch.set_rng_state(state["torch_rng"])
         if self.dist.is_main:
             print(f"resuming {self.run_dir} from step {self.step}")
+
+    def _load_sharded_state(self, latest: Path) -> dict[str, Any]:
+        """Rank 0 reads the full weights and optimizer state; FSDP scatters them. Returns the trainer state."""
+        from multitoken import fsdp
+
+        ckpt_io.check_config(self.model_config, latest)  # on every rank, so a mismatch stops them all
+        main = self.dist.is_main
+        state = ckpt_io.load_trainer_state(latest, mmap=not main)  # other ranks read only step and RNG
+        model_state = ckpt_io.load_model(latest).state_dict() if main else {}
+        fsdp.load_full_state(self.model, self.optimizer, model_state, state["optimizer"] if main else {})
+        return state
 
     # ---- one optimizer step ---------------------------------------------------------------------
 
@@ -270,9 +298,12 @@ class Trainer:
                 )
             micro_counts_N = row_counts_BN[start : start + self.micro_rows].sum(dim=0)
             loss_sums_N += torch.tensor(losses, dtype=torch.float64).nan_to_num() * micro_counts_N
-        dist.all_reduce_grads(model)
+        if not self.sharded:  # FSDP has reduce-scattered them during backward
+            dist.all_reduce_grads(model)
         loss_sums_N = dist.all_reduce_sum(loss_sums_N)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        if self.sharded:
+            grad_norm = grad_norm.full_tensor()  # a DTensor over the shards
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -298,14 +329,21 @@ class Trainer:
         cfg, n = self.cfg, self.model_config.n_future
         self.model.eval()
         sums = torch.zeros(3, n, dtype=torch.float64)
-        windows = self.val_data.eval_windows(
-            cfg.seq_len,
-            cfg.val_batches * cfg.batch_size,
-            batch_size=self.micro_rows,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
+        windows = list(
+            self.val_data.eval_windows(
+                cfg.seq_len,
+                cfg.val_batches * cfg.batch_size,
+                batch_size=self.micro_rows,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            )
         )
-        for tokens_BT in windows:
+        # Under FSDP every rank must run the sharded forward equally often: one short of windows scores
+        # a dummy batch and drops the result.
+        n_batches = self.dist.max_over_ranks(len(windows)) if self.sharded else len(windows)
+        dummy_BT = torch.zeros(1, cfg.seq_len, dtype=torch.long)
+        for index in range(n_batches):
+            tokens_BT = windows[index] if index < len(windows) else dummy_BT
             with self._autocast():
                 loss_N, correct_N, count_N = head_metrics(
                     self.model,
@@ -313,8 +351,11 @@ class Trainer:
                     sep_id=self.val_data.eos_id,
                     chunk_size=cfg.chunk_size,
                 )
-            sums += torch.stack([loss_N, correct_N.double(), count_N.double()])
+            if index < len(windows):
+                sums += torch.stack([loss_N, correct_N.double(), count_N.double()])
         sums = self.dist.all_reduce_sum(sums)
+        if self.sharded:
+            self.model.reshard()  # the root keeps its gathered weights after a forward
         self.model.train()
         loss_N, acc_N = sums[0] / sums[2].clamp(min=1), sums[1] / sums[2].clamp(min=1)
         metrics = {"val_loss": loss_N[0].item()}
@@ -326,8 +367,16 @@ class Trainer:
     # ---- checkpoints and the loop ---------------------------------------------------------------
 
     def save(self) -> Path | None:
+        """Rank 0 writes a checkpoint; under FSDP every rank first helps gather the full state."""
+        model, optimizer_state = self.model, self.optimizer.state_dict()
+        if self.sharded:
+            from multitoken import fsdp
+
+            model_state = fsdp.full_model_state(self.model)
+            optimizer_state = fsdp.full_optimizer_state(self.model, self.optimizer)
+            model = fsdp.unsharded_copy(self.model_config, model_state) if self.dist.is_main else None
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "step": self.step,
             "torch_rng": torch.get_rng_state(),
         }
@@ -335,7 +384,7 @@ class Trainer:
         path = None
         if self.dist.is_main:
             path = ckpt_io.save_checkpoint(
-                self.run_dir, self.step, self.model, self.tokenizer, state, keep=self.cfg.keep
+                self.run_dir, self.step, model, self.tokenizer, state, keep=self.cfg.keep
             )
         self.dist.barrier()
         return path
