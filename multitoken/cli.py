@@ -277,6 +277,12 @@ def _optional_commands() -> list[Command]:
         found.append(Command(("lab", "scaling", "fit"), scaling_fit, positional=("csv",)))
     except ImportError:
         pass
+    try:
+        from multitoken.lab.scaling_run import scaling_run_cli
+
+        found.append(Command(("lab", "scaling", "run"), scaling_run_cli))
+    except ImportError:
+        pass
     return found
 
 
