@@ -362,6 +362,8 @@ def run_scaling(out: str, scale: str, seed: int, device: str, command: list[str]
 
     grid = [points[c] for c in cells]
     write_runs_csv(root / RUNS_CSV, grid)
+    for n in N_FUTURE:
+        write_runs_csv(root / runs_csv_of(n), [p for p in grid if p.n_future == n])
     evaluation = {
         f"n={n}": evaluate(sealed["predictions"][f"n={n}"], points[(n, dim, steps)].loss)
         for n, dim, steps in held
@@ -374,6 +376,11 @@ def run_scaling(out: str, scale: str, seed: int, device: str, command: list[str]
     }
     write_report(root, scale, preset, seed, data, results, command)
     return results
+
+
+def runs_csv_of(n_future: int) -> str:
+    """File name of one n's runs (a law is fitted per n: `lab scaling fit` on it refits that n alone)."""
+    return f"runs_n{n_future}.csv"
 
 
 def write_runs_csv(path: Path, grid: list[GridPoint]) -> None:
@@ -848,8 +855,9 @@ def write_report(
                 else f" (except {', '.join(results['prediction_file']['held_out_runs_trained_before'])}, "
                 "which already existed)"
             ),
-            "runs": f"{RUNS_CSV}; refit with `multitoken lab scaling fit {RUNS_CSV} --n-col "
-            "non_embedding_params --d-col tokens --loss-col loss`",
+            "runs": f"{RUNS_CSV} (every run) and {runs_csv_of(1)} etc. (one per n); refit one n with "
+            f"`multitoken lab scaling fit {runs_csv_of(1)} --n-col non_embedding_params --d-col tokens "
+            "--loss-col loss`",
         },
     )
     print_table("scaling run: held-out predictions", header, rows)

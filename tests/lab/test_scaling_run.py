@@ -129,6 +129,9 @@ def test_runs_csv_holds_the_grid_and_round_trips_through_scaling_fit(debug_run, 
     fitted = json.loads((fit_out / "results.json").read_text())
     assert fitted["inputs"]["rows_used"] == len(rows)
     assert (fit_out / "report.md").is_file() and (fit_out / "scaling.png").is_file()
+    per_n = {n: read_csv(out / f"runs_n{n}.csv") for n in ("1", "4")}
+    assert all(r["n_future"] == n for n, group in per_n.items() for r in group)
+    assert sorted(map(str, rows), key=str) == sorted(map(str, per_n["1"] + per_n["4"]), key=str)
 
 
 def test_prediction_errors_follow_from_the_recorded_numbers(debug_run):
