@@ -9,6 +9,7 @@ from typing import Any
 def lab_commands() -> list[tuple[tuple[str, ...], Callable[..., Any]]]:
     """(command path, function) of every lab experiment; `lab scaling fit` is registered separately."""
     from multitoken.lab.emergence import emergence_cli
+    from multitoken.lab.icl import icl_cli
     from multitoken.lab.induction_heads import induction_heads_cli
     from multitoken.lab.surprisal import surprisal_cli
     from multitoken.lab.tasks import tasks_cli
@@ -19,5 +20,6 @@ def lab_commands() -> list[tuple[tuple[str, ...], Callable[..., Any]]]:
         (("lab", "surprisal"), surprisal_cli),
         (("lab", "induction-heads"), induction_heads_cli),
         (("lab", "think"), think_cli),
+        (("lab", "icl"), icl_cli),
         (("lab", "emergence"), emergence_cli),
     ]
