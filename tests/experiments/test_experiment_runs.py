@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from multitoken.cli import main
 
@@ -13,14 +12,6 @@ EXPECTED = {
     "bytes": ("bytes.png", {"n1", "n8"}, "bits_per_byte"),
     "nsweep": ("nsweep.png", {"n1", "n2", "n4", "n6", "n8"}, "speculative"),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -28,14 +28,6 @@ from multitoken.tokenizer import byte_tokenizer
 from conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     "a, b, expected",
     [

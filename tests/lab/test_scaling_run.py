@@ -34,14 +34,6 @@ from multitoken.model import MultiTokenLM
 DEBUG = SCALES["debug"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def debug_run(tmp_path_factory):
     """The debug experiment end to end, recording whether prediction.json existed as each run started."""

@@ -7,7 +7,6 @@ import random
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from multitoken.cli import main
 from multitoken.lab import think
@@ -20,14 +19,6 @@ from multitoken.lab.think import (
     train_pairs,
 )
 from multitoken.tokenizer import byte_tokenizer
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
