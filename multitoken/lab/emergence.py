@@ -497,7 +497,7 @@ def write_report(
 
 
 def emergence_cli(
-    out: str = "reports/emergence",
+    out: str = "reports/lab/emergence",
     scale: Literal["debug", "small", "medium"] = "small",
     seed: int = 0,
     device: str = "auto",

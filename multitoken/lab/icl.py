@@ -597,7 +597,7 @@ def write_report(
 
 
 def icl_cli(
-    out: str = "reports/icl",
+    out: str = "reports/lab/icl",
     scale: Literal["debug", "small"] = "small",
     checkpoint: str | None = None,
     shots: int | None = None,

@@ -322,7 +322,7 @@ def scaling_fit(
     loss_col: str = "loss",
     drop_highest: int = 0,
     bootstrap: int = 0,
-    out: str = "reports/scaling",
+    out: str = "reports/lab/scaling",
 ) -> None:
     """Fit Chinchilla, Kaplan and compute scaling laws to a CSV of runs and write a report.
 

@@ -865,7 +865,7 @@ def write_report(
 
 
 def scaling_run_cli(
-    out: str = "reports/scaling_run", scale: str = "small", seed: int = 0, device: str = "auto"
+    out: str = "reports/lab/scaling-run", scale: str = "small", seed: int = 0, device: str = "auto"
 ) -> None:
     """Can a small model's final loss be predicted before it is trained, from smaller runs?
 

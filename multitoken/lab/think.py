@@ -376,7 +376,7 @@ def write_report(
 
 
 def think_cli(
-    out: str = "reports/think",
+    out: str = "reports/lab/think",
     scale: Literal["debug", "small"] = "small",
     seed: int = 0,
     device: str = "auto",
