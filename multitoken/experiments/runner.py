@@ -60,8 +60,9 @@ class Budget:
         seed: int,
         device: str,
         progress: bool,
+        checkpoints: int = 4,
     ) -> TrainConfig:
-        """One variant's TrainConfig: 5% warmup, 4 checkpoints all kept, no TensorBoard."""
+        """One variant's TrainConfig: 5% warmup, `checkpoints` evenly spaced checkpoints all kept, no TensorBoard."""
         return TrainConfig(
             data=str(data),
             out=str(out),
@@ -72,7 +73,7 @@ class Budget:
             max_steps=self.max_steps,
             warmup_steps=max(1, self.max_steps // 20),
             lr=self.lr,
-            save_every=max(1, self.max_steps // 4),
+            save_every=max(1, self.max_steps // checkpoints),
             keep=0,
             tensorboard=False,
             val_every=0,

@@ -15,7 +15,6 @@ untested beyond constructing its configs).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +129,9 @@ def train_one(
         seed=seed,
         device=device,
         progress=progress,
+        checkpoints=preset.checkpoints,
     )
-    return train_variant(dataclasses.replace(cfg, save_every=max(1, preset.max_steps // preset.checkpoints)))
+    return train_variant(cfg)
 
 
 def score_run(run_dir: Path, problems: list[em.Problem], device: str) -> dict[str, Any]:

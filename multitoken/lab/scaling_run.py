@@ -514,6 +514,22 @@ def _caveat_text(results: dict) -> str:
     )
 
 
+PREDICTION_MARKERS = {"L(C)": ("D", "tab:red"), "L(N, D)": ("s", "tab:blue")}
+"""Marker and colour of each law's held-out prediction in the plots."""
+
+
+def _mark_prediction(ax, x: float, loss: float, law: str) -> None:
+    """A law's prediction for the held-out run: an open marker at (x, loss)."""
+    marker, colour = PREDICTION_MARKERS[law]
+    ax.scatter([x], [loss], marker=marker, s=70, facecolors="none", edgecolors=colour, linewidths=1.5,
+               zorder=4, label=f"held-out: {law} prediction")  # fmt: skip
+
+
+def _mark_actual(ax, x: float, loss: float) -> None:
+    """The loss the held-out run reached: a black star."""
+    ax.scatter([x], [loss], marker="*", s=160, color="k", zorder=5, label="held-out: actual")
+
+
 def plot_compute(report: Report, results: dict, grid: list[GridPoint], preset: GridScale) -> None:
     """Loss vs compute per n: runs coloured by width, the L(C) fit, the held-out prediction vs actual."""
     import matplotlib.pyplot as plt
@@ -566,32 +582,10 @@ def plot_compute(report: Report, results: dict, grid: list[GridPoint], preset: G
                 ls="--",
                 label="L(C) extrapolated",
             )
-            ax.scatter(
-                [target.flops],
-                [prediction["compute"]["predicted_loss"]],
-                marker="D",
-                s=70,
-                facecolors="none",
-                edgecolors="tab:red",
-                linewidths=1.5,
-                zorder=4,
-                label="held-out: L(C) prediction",
-            )
+            _mark_prediction(ax, target.flops, prediction["compute"]["predicted_loss"], "L(C)")
         if "predicted_loss" in prediction["chinchilla"]:
-            ax.scatter(
-                [target.flops],
-                [prediction["chinchilla"]["predicted_loss"]],
-                marker="s",
-                s=70,
-                facecolors="none",
-                edgecolors="tab:blue",
-                linewidths=1.5,
-                zorder=4,
-                label="held-out: L(N, D) prediction",
-            )
-        ax.scatter(
-            [target.flops], [target.loss], marker="*", s=160, color="k", zorder=5, label="held-out: actual"
-        )
+            _mark_prediction(ax, target.flops, prediction["chinchilla"]["predicted_loss"], "L(N, D)")
+        _mark_actual(ax, target.flops, target.loss)
         ax.axvline(C.max(), color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
         _label_log_axis(ax.xaxis)
@@ -654,26 +648,10 @@ def plot_params(report: Report, results: dict, grid: list[GridPoint], preset: Gr
                 ax.plot(grid_n, fit.predict(grid_n, tokens), "--", color=colour, lw=1, alpha=0.8)
         if fit is not None:
             ax.plot([], [], "k--", lw=1, label="L(N, D) fit at each D")
-            ax.scatter(
-                [target.non_embedding_params],
-                [prediction["chinchilla"]["predicted_loss"]],
-                marker="s",
-                s=70,
-                facecolors="none",
-                edgecolors="tab:blue",
-                linewidths=1.5,
-                zorder=4,
-                label="held-out: L(N, D) prediction",
+            _mark_prediction(
+                ax, target.non_embedding_params, prediction["chinchilla"]["predicted_loss"], "L(N, D)"
             )
-        ax.scatter(
-            [target.non_embedding_params],
-            [target.loss],
-            marker="*",
-            s=160,
-            color="k",
-            zorder=5,
-            label="held-out: actual",
-        )
+        _mark_actual(ax, target.non_embedding_params, target.loss)
         ax.set_xscale("log")
         _label_log_axis(ax.xaxis)
         ax.set(
