@@ -1,5 +1,8 @@
 """FSDP2 (`fully_shard`) for MultiTokenLM: sharding, the memory-efficient loss's schedule, full state dicts.
 
+Only rank 0 builds the full model, initialised as one process initialises it; every rank shards a copy
+built on the meta device, materialises its shards and receives rank 0's weights in them.
+
 Units: each trunk block, each head with parameters, and the root, which keeps what is left: the token
 embeddings, the final norm and the unembedding (one parameter when tied, so ties need no grouping).
 
@@ -36,6 +39,24 @@ from multitoken.model import MultiTokenLM
 
 FULL_TO_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+
+def build_sharded_model(
+    config: ModelConfig, device: torch.device, world_size: int, is_main: bool
+) -> MultiTokenLM:
+    """The model, sharded over all ranks on `device`, with the weights a one-process run starts from.
+
+    Every rank must call it, right after seeding as a one-process run does: rank 0 initialises the full
+    model on CPU (and frees it on return); no other rank ever holds more than its shards.
+    """
+    full_state = MultiTokenLM(config).state_dict() if is_main else {}
+    with torch.device("meta"):
+        model = MultiTokenLM(config)
+    shard_model(model, device, world_size)
+    model.to_empty(device=device)
+    model.init_buffers()
+    set_model_state_dict(model, full_state, options=FROM_RANK0)
+    return model
 
 
 def shard_model(model: MultiTokenLM, device: torch.device, world_size: int) -> MultiTokenLM:

@@ -182,11 +182,16 @@ class MultiTokenLM(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos_SE, sin_SE = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos_SE", cos_SE, persistent=False)
-        self.register_buffer("rope_sin_SE", sin_SE, persistent=False)
+        self.init_buffers()
         self._cache_len: int | None = None
         self.reset_parameters()
+
+    def init_buffers(self) -> None:
+        """(Re)compute the RoPE tables: non-persistent buffers, in no state dict, so redone after `to_empty`."""
+        cos_SE, sin_SE = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        device = self.tok_embeddings.weight.device
+        self.register_buffer("rope_cos_SE", cos_SE.to(device), persistent=False)
+        self.register_buffer("rope_sin_SE", sin_SE.to(device), persistent=False)
 
     def _make_head(self, index: int) -> nn.Module:
         style = self.config.head_style

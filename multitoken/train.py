@@ -182,17 +182,19 @@ class Trainer:
         self._stop_requested = False
 
         torch.manual_seed(cfg.seed)
-        self.model = MultiTokenLM(self.model_config)
+        if self.sharded:
+            from multitoken import fsdp
+
+            # Only rank 0 holds the full model, and only while its weights are sent to every rank's shards.
+            self.model = fsdp.build_sharded_model(
+                self.model_config, self.device, self.dist.world_size, self.dist.is_main
+            )
+        else:
+            self.model = MultiTokenLM(self.model_config).to(self.device)
         if cfg.compile:
             for module in self.model.modules():
                 if isinstance(module, Block):
                     module.compile()  # in place: state_dict keys stay plain
-        if self.sharded:
-            from multitoken import fsdp
-
-            fsdp.shard_model(self.model, self.device, self.dist.world_size)  # also moves shards to the device
-        else:
-            self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self._prepare_run_dir()
 

@@ -4,7 +4,8 @@
 
 SPEC is a JSON list of runs, done in order: {"config": TrainConfig fields, "stop_at": step or null}, where
 `stop_at` interrupts the run after that step as SIGINT does, or {"cli": argv} for `multitoken` itself. A
-CLI run ends the process group, so it comes last.
+CLI run ends the process group, so it comes last. Each config run also checks that ranks other than 0
+built the model on the meta device only.
 """
 
 from __future__ import annotations
@@ -16,11 +17,26 @@ from pathlib import Path
 import torch.distributed as torch_dist
 
 from multitoken.cli import main
+from multitoken.model import MultiTokenLM
 from multitoken.train import TrainConfig, Trainer
+
+BUILT_ON: list[str] = []  # the device of every MultiTokenLM built in this process, in order
+_init = MultiTokenLM.__init__
+
+
+def _recording_init(self, config) -> None:
+    _init(self, config)
+    BUILT_ON.append(self.output.weight.device.type)
+
+
+MultiTokenLM.__init__ = _recording_init
 
 
 def run(config: dict, stop_at: int | None) -> None:
+    BUILT_ON.clear()
     trainer = Trainer(TrainConfig.from_dict(config))
+    if trainer.dist.rank > 0:  # only rank 0 builds the full model; the others build it on the meta device
+        assert BUILT_ON == ["meta"], BUILT_ON
     if stop_at is not None:
         take_step = trainer.train_step
 
