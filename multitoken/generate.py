@@ -19,9 +19,22 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from multitoken.draft_tree import (
+    DraftTree,
+    accept_tree_greedy,
+    commit_path,
+    tree_candidates,
+    tree_positions,
+)
 from multitoken.errors import UserError
 from multitoken.sampling import SamplingParams, choose
-from multitoken.speculative import accept_greedy, accept_sampled, draft_depth, propose_drafts
+from multitoken.speculative import (
+    accept_greedy,
+    accept_sampled,
+    draft_depth,
+    parallel_draft_logits,
+    propose_drafts,
+)
 
 SPECULATIVE_HINT = "this model has one head; use --no-speculative or train with --n-future > 1"
 
@@ -79,7 +92,14 @@ class GenerationResult:
 
 
 def _check_inputs(
-    model, prompt_ids, max_new_tokens, params: SamplingParams, speculative, stop_strings, tokenizer
+    model,
+    prompt_ids,
+    max_new_tokens,
+    params: SamplingParams,
+    speculative,
+    stop_strings,
+    tokenizer,
+    draft_tree,
 ):
     config = model.config
     if not prompt_ids:
@@ -114,6 +134,24 @@ def _check_inputs(
         raise UserError(SPECULATIVE_HINT)
     if stop_strings and tokenizer is None:
         raise UserError("stop strings need a tokenizer to decode the generated tokens")
+    if draft_tree is not None:
+        _check_tree(config, draft_tree, params, speculative)
+
+
+def _check_tree(config, tree: DraftTree, params: SamplingParams, speculative) -> None:
+    if speculative is False:
+        raise UserError("a draft tree is a way of speculating: drop --no-speculative or the tree")
+    if not params.greedy:
+        raise UserError("draft trees verify greedy decoding only: use --temperature 0, or drop the tree")
+    if config.head_style == "sequential":
+        raise UserError(
+            "draft trees need parallel heads (transformer or linear); sequential heads draft in a chain"
+        )
+    if tree.depth > draft_depth(config) - 1:
+        raise UserError(
+            f"the draft tree is {tree.depth} deep but this model has {draft_depth(config) - 1} drafting "
+            f"heads (offsets 2..{draft_depth(config)}); use at most that many widths"
+        )
 
 
 def _model_device(model) -> torch.device:
@@ -123,6 +161,16 @@ def _model_device(model) -> torch.device:
 def _forward_block(model, tokens_BT: Tensor, pos_BT: Tensor, n_parallel_heads: int):
     """Trunk and next-token head over a block: (trunk output, next-token logits, parallel draft heads' states)."""
     rope = model.rope_context(tokens_BT, pos_BT)
+    return _forward_heads(model, tokens_BT, rope, n_parallel_heads)
+
+
+def _forward_tree(model, tokens_BT: Tensor, slots_BT: Tensor, rope_pos_BT: Tensor, mask_B1TS, n_heads: int):
+    """`_forward_block` over the nodes of a draft tree, each attending to its ancestors only."""
+    rope = model.rope_context(tokens_BT, slots_BT, rope_pos_BT=rope_pos_BT, mask_B1TS=mask_B1TS)
+    return _forward_heads(model, tokens_BT, rope, n_heads)
+
+
+def _forward_heads(model, tokens_BT: Tensor, rope, n_parallel_heads: int):
     h_BTD = model.trunk_forward(tokens_BT, rope)
     logits_BTV = model.logits(model.head_forward(0, h_BTD, rope))
     states = [model.head_forward(i, h_BTD, rope) for i in range(1, n_parallel_heads + 1)]
@@ -194,6 +242,7 @@ def generate(
     on_tokens: Callable[[int, list[int]], None] | None = None,
     return_logits: bool = False,
     compile: bool = False,
+    draft_tree: DraftTree | None = None,
 ) -> GenerationResult:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
@@ -204,19 +253,25 @@ def generate(
     floating-point ties); speculative sampling draws from exactly the same distribution as plain sampling,
     though not the same tokens for a given seed.
 
+    `draft_tree` (greedy decoding, parallel heads) verifies a tree of several drafts per future position
+    in each forward pass instead of one chain; see `multitoken.draft_tree`.
+
     A row ends at `eos_id` (not included in its tokens), after a stop string (kept; needs `tokenizer`),
     or after max_new_tokens. `on_tokens(row, new_ids)` is called as tokens are accepted, for streaming.
     With `compile`, the decoding step is compiled with torch.compile on CUDA; ignored on CPU.
     """
     start_time = time.perf_counter()
     params = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-    _check_inputs(model, prompt_ids, max_new_tokens, params, speculative, stop_strings, tokenizer)
+    _check_inputs(model, prompt_ids, max_new_tokens, params, speculative, stop_strings, tokenizer, draft_tree)
     config = model.config
     depth = draft_depth(config) if speculative is not False else 1
+    device = _model_device(model)
+    tree = draft_tree.tensors(device) if draft_tree is not None else None
+    if draft_tree is not None:
+        depth = draft_tree.depth + 1
     n_drafts = depth - 1
     sequential = config.head_style == "sequential"
     n_parallel = 0 if sequential else n_drafts
-    device = _model_device(model)
     generator = None
     if not params.greedy:
         generator = torch.Generator(device=device)
@@ -233,16 +288,21 @@ def generate(
         drafts_reached=[0] * n_drafts,
         drafts_accepted=[0] * n_drafts,
     )
-    forward = _forward_block
+    # Drafts a verification pass holds per drafting head: one in a chain, the tree's nodes at that depth.
+    drafts_per_head = [1] * n_drafts if tree is None else torch.bincount(tree.depth_T)[1:].tolist()
+    forward, forward_tree = _forward_block, _forward_tree
     if compile and device.type == "cuda":
         forward = torch.compile(_forward_block, dynamic=False)
+        forward_tree = torch.compile(_forward_tree, dynamic=False)
 
     lengths = [len(p) for p in prompt_ids]
     longest = max(lengths)
     cache_len = longest + max_new_tokens
     # Real positions stay below cache_len - 1 (see the step below); padding writes to that spare slot.
     scratch = cache_len - 1
-    model.setup_caches(B, cache_len)
+    # A tree's nodes occupy one slot each past a row's committed length.
+    extra_slots = 0 if tree is None else draft_tree.n_nodes
+    model.setup_caches(B, cache_len, extra_slots=extra_slots)
     try:
         if max_new_tokens > 0:
             # ---- prefill: every row at its own positions, padding sent to the spare slot ----
@@ -258,9 +318,12 @@ def generate(
             last_B = length_B - 1
             logits_BV = model.logits(z_BTD[torch.arange(B, device=device), last_B])
             next_B, _ = choose(logits_BV, params, generator)
-            drafts_BJ, q_BJV = propose_drafts(
-                model, h_BTD, rope, tokens_BT, last_B, next_B, depth, params, generator
-            )
+            if tree is None:
+                drafts_BJ, q_BJV = propose_drafts(
+                    model, h_BTD, rope, tokens_BT, last_B, next_B, depth, params, generator
+                )
+            else:
+                draft_logits_BJV = parallel_draft_logits(model, h_BTD, rope, last_B, depth)
             stats.forward_passes, stats.row_forwards = 1, B
             for b, token in enumerate(next_B.tolist()):
                 rows.add(b, [token], logits_BV[b : b + 1])
@@ -273,35 +336,55 @@ def generate(
             budget = [max_new_tokens - len(t) if a else 0 for t, a in zip(rows.tokens, active, strict=True)]
             # A row emits at most n_block tokens this step, so it never overshoots max_new_tokens.
             n_block_B = torch.tensor([min(depth, r) for r in budget], device=device)
-            block_BT = torch.cat([next_B.unsqueeze(1), drafts_BJ], dim=1)
-            pos_BT = torch.where(arange_T < n_block_B.unsqueeze(1), pos_B.unsqueeze(1) + arange_T, scratch)
-            h_BTD, logits_BTV, states = forward(model, block_BT, pos_BT, n_parallel)
             n_drafts_B = (n_block_B - 1).clamp(min=0)
-            if params.greedy:
-                n_acc_B, next_B = accept_greedy(logits_BTV, drafts_BJ, n_drafts_B)
-            else:
-                n_acc_B, next_B = accept_sampled(logits_BTV, drafts_BJ, q_BJV, n_drafts_B, params, generator)
-            old_drafts_BJ = drafts_BJ
-            if n_drafts:
-                # Only sequential heads run again here; parallel heads' states came with the forward pass.
-                rope = model.rope_context(block_BT, pos_BT) if sequential else None
-                drafts_BJ, q_BJV = propose_drafts(
-                    model, h_BTD, rope, block_BT, n_acc_B, next_B, depth, params, generator, states
+            if tree is None:
+                block_BT = torch.cat([next_B.unsqueeze(1), drafts_BJ], dim=1)
+                pos_BT = torch.where(
+                    arange_T < n_block_B.unsqueeze(1), pos_B.unsqueeze(1) + arange_T, scratch
                 )
-            pos_B = pos_B + n_acc_B + 1
+                h_BTD, logits_BTV, states = forward(model, block_BT, pos_BT, n_parallel)
+                if params.greedy:
+                    n_acc_B, next_B = accept_greedy(logits_BTV, drafts_BJ, n_drafts_B)
+                else:
+                    n_acc_B, next_B = accept_sampled(
+                        logits_BTV, drafts_BJ, q_BJV, n_drafts_B, params, generator
+                    )
+                candidates_BJ, step_logits_BTV = drafts_BJ, logits_BTV
+                if n_drafts:
+                    # Only sequential heads run again here; parallel heads' states came with the forward pass.
+                    rope = model.rope_context(block_BT, pos_BT) if sequential else None
+                    drafts_BJ, q_BJV = propose_drafts(
+                        model, h_BTD, rope, block_BT, n_acc_B, next_B, depth, params, generator, states
+                    )
+                pos_B = pos_B + n_acc_B + 1
+            else:
+                nodes_BT = tree_candidates(next_B, draft_logits_BJV, tree)
+                placement = tree_positions(pos_B, tree, model.cache_len(), config.max_seq_len)
+                h_BTD, logits_BTV, states = forward_tree(model, nodes_BT, *placement, n_drafts)
+                n_acc_B, path_BP, next_B = accept_tree_greedy(logits_BTV, nodes_BT, n_drafts_B, tree)
+                commit_path(model, pos_B, path_BP)
+                draft_logits_BJV = parallel_draft_logits(model, h_BTD, None, path_BP[:, -1], depth, states)
+                candidates_BJ = nodes_BT.gather(1, path_BP)[:, 1:]
+                step_logits_BTV = (
+                    logits_BTV[torch.arange(B, device=device).unsqueeze(1), path_BP]
+                    if return_logits
+                    else logits_BTV
+                )
+                # Finished rows keep their length, so their scratch nodes stay inside the cache.
+                pos_B = pos_B + (n_acc_B + 1) * (n_block_B > 0)
             stats.forward_passes += 1
             # One device-to-host copy per step.
-            host = torch.cat([n_acc_B.unsqueeze(1), next_B.unsqueeze(1), old_drafts_BJ], dim=1).tolist()
+            host = torch.cat([n_acc_B.unsqueeze(1), next_B.unsqueeze(1), candidates_BJ], dim=1).tolist()
             n_acc, bonus, old = [r[0] for r in host], [r[1] for r in host], [r[2:] for r in host]
             for b in range(B):
                 if not active[b]:
                     continue
                 stats.row_forwards += 1
                 for j in range(min(depth, budget[b]) - 1):
-                    stats.drafts_proposed[j] += 1
+                    stats.drafts_proposed[j] += drafts_per_head[j]
                     stats.drafts_reached[j] += j <= n_acc[b]
                     stats.drafts_accepted[j] += j < n_acc[b]
-                rows.add(b, [*old[b][: n_acc[b]], bonus[b]], logits_BTV[b, : n_acc[b] + 1])
+                rows.add(b, [*old[b][: n_acc[b]], bonus[b]], step_logits_BTV[b, : n_acc[b] + 1])
     finally:
         model.clear_caches()
 
@@ -417,6 +500,7 @@ def generate_cli(
     device: str = "auto",
     stop: list[str] | None = None,
     compare_plain: bool = False,
+    draft_tree: str | None = None,
 ) -> None:
     """Continue text prompts with a trained checkpoint, streaming the text as it is accepted.
 
@@ -441,10 +525,13 @@ def generate_cli(
         device: cpu, cuda, cuda:N or auto.
         stop: stop strings; a continuation ends after the first one it produces.
         compare_plain: also decode without drafting; report the speedup and whether the outputs match.
+        draft_tree: verify a tree of drafts per step (greedy only), given as widths per depth: 4,2,1
+            tries the top 4 drafts of the +2 head, after each the top 2 of the +3 head, then the top +4.
     """
     from multitoken.checkpoint import load_checkpoint
 
     texts = _read_prompts(prompt, prompt_file)
+    tree = DraftTree.parse(draft_tree) if draft_tree is not None else None
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     model, tokenizer = load_checkpoint(checkpoint, device=_pick_device(device))
@@ -459,7 +546,7 @@ def generate_cli(
         ids = [tokenizer.encode(t) for t in batch]
         stream = _TextStream(tokenizer, sys.stdout, batch[0]) if len(batch) == 1 else None
 
-        def run(speculative_mode, on_tokens=None, ids=ids, first=first):
+        def run(speculative_mode, tree_mode, on_tokens=None, ids=ids, first=first):
             return generate(
                 model,
                 ids,
@@ -473,9 +560,10 @@ def generate_cli(
                 stop_strings=stop,
                 tokenizer=tokenizer,
                 on_tokens=on_tokens,
+                draft_tree=tree_mode,
             )
 
-        result = run(speculative, stream)
+        result = run(speculative, tree, stream)
         separator = "---\n" if len(texts) > 1 else ""
         if stream is not None:
             stream.finish()
@@ -485,7 +573,7 @@ def generate_cli(
                 sys.stdout.write(f"{text}{completion}\n{separator}")
         parts.append(result.stats)
         if compare_plain:
-            plain = run(False)
+            plain = run(False, None)
             plain_parts.append(plain.stats)
             same_output &= plain.tokens == result.tokens
     total = merge_stats(parts)

@@ -220,28 +220,46 @@ class MultiTokenLM(nn.Module):
 
     # ---- positions and caches -------------------------------------------------------------------
 
-    def rope_context(self, tokens_BT: Tensor, input_pos_BT: Tensor | None) -> RopeContext:
-        """Without input_pos: a plain causal pass from position 0. With it: per-row positions into the cache."""
+    def rope_context(
+        self,
+        tokens_BT: Tensor,
+        input_pos_BT: Tensor | None,
+        *,
+        rope_pos_BT: Tensor | None = None,
+        mask_B1TS: Tensor | None = None,
+    ) -> RopeContext:
+        """Without input_pos: a plain causal pass from position 0. With it: per-row positions into the cache.
+
+        By default a token's cache slot is also its RoPE position and it sees every slot up to its own.
+        Tree drafts, whose sibling nodes share a position, give `rope_pos_BT` and `mask_B1TS` instead.
+        """
         T = tokens_BT.shape[1]
         if input_pos_BT is None:
             cos_TE, sin_TE = self.rope_cos_SE[:T], self.rope_sin_SE[:T]
             return RopeContext(cos_TE.unsqueeze(0), sin_TE.unsqueeze(0), None, None)
-        cos_BTE, sin_BTE = self.rope_cos_SE[input_pos_BT], self.rope_sin_SE[input_pos_BT]
-        cache_len = self.cache_len()
-        key_pos_S = torch.arange(cache_len, device=tokens_BT.device)
-        mask_B1TS = key_pos_S.view(1, 1, 1, -1) <= input_pos_BT.unsqueeze(1).unsqueeze(-1)
+        rope_pos_BT = input_pos_BT if rope_pos_BT is None else rope_pos_BT
+        cos_BTE, sin_BTE = self.rope_cos_SE[rope_pos_BT], self.rope_sin_SE[rope_pos_BT]
+        if mask_B1TS is None:
+            key_pos_S = torch.arange(self.cache_len(), device=tokens_BT.device)
+            mask_B1TS = key_pos_S.view(1, 1, 1, -1) <= input_pos_BT.unsqueeze(1).unsqueeze(-1)
         return RopeContext(cos_BTE, sin_BTE, input_pos_BT, mask_B1TS)
 
     def attention_modules(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
 
-    def setup_caches(self, batch_size: int, max_seq_len: int | None = None, dtype=None) -> None:
-        """Allocate a static KV cache for every attention layer: trunk, transformer and sequential heads."""
+    def setup_caches(
+        self, batch_size: int, max_seq_len: int | None = None, dtype=None, extra_slots: int = 0
+    ) -> None:
+        """Allocate a static KV cache for every attention layer: trunk, transformer and sequential heads.
+
+        `extra_slots` adds scratch slots past the last position, for tree drafts' sibling nodes.
+        """
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(
                 f"cache of {max_seq_len} positions exceeds max_seq_len={self.config.max_seq_len}"
             )
+        max_seq_len += extra_slots
         dtype = dtype or self.output.weight.dtype
         device = self.output.weight.device
         for attn in self.attention_modules():

@@ -77,6 +77,20 @@ def accept_sampled(
     return n_accepted_B, sample(dist_BV, generator)
 
 
+def parallel_draft_logits(
+    model, h_BTD: Tensor, rope, last_B: Tensor, depth: int, head_states: list[Tensor] | None = None
+) -> Tensor:
+    """Logits (B, depth - 1, V) of the parallel heads with offsets 2..depth at block position `last_B`.
+
+    `head_states` may hold those heads' outputs over the block already; otherwise they run over the whole
+    block, which also fills their KV caches.
+    """
+    if head_states is None:
+        head_states = [model.head_forward(i, h_BTD, rope) for i in range(1, depth)]
+    rows_B = torch.arange(h_BTD.shape[0], device=h_BTD.device)
+    return model.logits(torch.stack([z_BTD[rows_B, last_B] for z_BTD in head_states], dim=1))
+
+
 def propose_drafts(
     model,
     h_BTD: Tensor,
@@ -115,10 +129,7 @@ def propose_drafts(
         return tokens_BT.new_zeros(B, 0), None
     if not sequential:
         # Parallel heads draft independently: one unembedding and one choice for all of them.
-        if head_states is None:
-            head_states = [model.head_forward(i, h_BTD, rope) for i in range(1, depth)]
-        z_BJD = torch.stack([z_BTD[rows_B, last_B] for z_BTD in head_states], dim=1)
-        logits_BJV = model.logits(z_BJD)
+        logits_BJV = parallel_draft_logits(model, h_BTD, rope, last_B, depth, head_states)
         drafts_BJ, q_XV = choose(logits_BJV.flatten(0, 1), params, generator)
         q_BJV = None if params.greedy else q_XV.view(B, depth - 1, -1)
         return drafts_BJ.view(B, depth - 1), q_BJV
@@ -133,4 +144,4 @@ def propose_drafts(
     return torch.stack(drafts, dim=1), q_BJV
 
 
-__all__ = ["accept_greedy", "accept_sampled", "draft_depth", "propose_drafts"]
+__all__ = ["accept_greedy", "accept_sampled", "draft_depth", "parallel_draft_logits", "propose_drafts"]

@@ -45,7 +45,7 @@ class OracleStub(nn.Module):
         self.seq_BS, self.right_BNS = seq_BS, right_BNS.clone()
         self.right_BNS[:, 0] = True
 
-    def setup_caches(self, batch_size, max_seq_len=None, dtype=None):
+    def setup_caches(self, batch_size, max_seq_len=None, dtype=None, extra_slots=0):
         pass
 
     def clear_caches(self):
