@@ -2,6 +2,8 @@
 
     python benchmarks/decode.py --checkpoint runs/demo --batch-sizes 1,8,32
     python benchmarks/decode.py --preset debug --max-new-tokens 32        # random weights, seconds
+    python benchmarks/decode.py --checkpoint runs/demo --draft-trees "3;4,2" \
+        --sparse-trees 8,16 --calibrate-data data/stdlib-demo                # chains against draft trees
 
 Every ratio is measured side by side in one run: the repeats alternate between the methods, and each
 figure is the median of the repeats. Prints a markdown table.
@@ -17,6 +19,7 @@ import time
 import torch
 
 from multitoken.config import preset_config
+from multitoken.draft_tree import DraftTree, measure_rank_accuracy, sparse_tree
 from multitoken.generate import generate
 from multitoken.model import MultiTokenLM
 from multitoken.speculative import draft_depth
@@ -42,6 +45,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA only)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--draft-trees",
+        default="",
+        help='draft trees to compare, widths per depth separated by ";", e.g. "3;4,2"',
+    )
+    parser.add_argument(
+        "--sparse-trees", default="", help="node counts of sparse trees to compare, e.g. 8,16"
+    )
+    parser.add_argument(
+        "--calibrate-data", help="prepared dataset whose val split calibrates the sparse trees"
+    )
     return parser.parse_args()
 
 
@@ -89,39 +103,73 @@ def timed(fn, device: str):
     return time.perf_counter() - start, out
 
 
-def bench_speculative(args, model, prompts, device) -> dict:
-    """Median seconds of plain and speculative greedy decoding, alternating, plus the speculative stats."""
+def decoders(args, model) -> dict[str, dict]:
+    """generate() settings to compare: plain, the chain of drafts, and each requested draft tree."""
+    methods = {"plain": dict(speculative=False), "chain": dict(speculative=True)}
+    for spec in filter(None, args.draft_trees.split(";")):
+        tree = DraftTree.parse(spec)
+        methods[f"tree {spec} ({tree.n_nodes - 1} nodes)"] = dict(draft_tree=tree)
+    if args.sparse_trees:
+        if not args.calibrate_data:
+            raise SystemExit("--sparse-trees needs --calibrate-data (a prepared dataset's val split)")
+        accuracy = calibrate(args, model)
+        print(
+            f"rank accuracy per drafting head (calibration): {[[round(a, 3) for a in h] for h in accuracy]}\n"
+        )
+        for n_nodes in [int(n) for n in args.sparse_trees.split(",")]:
+            methods[f"sparse tree, {n_nodes} nodes"] = dict(draft_tree=sparse_tree(accuracy, n_nodes))
+    return methods
 
-    def run(speculative):
-        return generate(model, prompts, args.max_new_tokens, speculative=speculative, compile=args.compile)
 
-    run(False), run(True)  # warm-up (and compilation)
-    plain_s, spec_s, plain, spec = [], [], None, None
+def calibrate(args, model) -> list[list[float]]:
+    """Per drafting head, how often its r-th most likely token is right, on held-out windows."""
+    from multitoken.data.loader import TokenDataset
+
+    data = TokenDataset(args.calibrate_data, split="val")
+    seq_len = min(256, model.config.max_seq_len)
+    windows = [torch.from_numpy(data.window(i * seq_len, seq_len).astype("int64")) for i in range(32)]
+    depth = draft_depth(model.config) - 1
+    device = next(model.parameters()).device
+    return measure_rank_accuracy(model, torch.stack(windows).to(device), depth, max_rank=8)
+
+
+def bench_decoders(args, model, prompts, device, methods: dict[str, dict]) -> dict[str, dict]:
+    """Median seconds of each decoding method, the methods alternating within each repeat, plus stats."""
+
+    def run(kwargs):
+        return generate(model, prompts, args.max_new_tokens, compile=args.compile, **kwargs)
+
+    for kwargs in methods.values():
+        run(kwargs)  # warm-up (and compilation)
+    seconds = {name: [] for name in methods}
+    outputs = {}
     for _ in range(args.repeats):
-        t, plain = timed(lambda: run(False), device)
-        plain_s.append(t)
-        t, spec = timed(lambda: run(True), device)
-        spec_s.append(t)
-    speedup = statistics.median(plain_s) / statistics.median(spec_s)
-    tpf = spec.stats.tokens_per_forward
-    return {
-        "plain_tok_s": plain.stats.new_tokens / statistics.median(plain_s),
-        "spec_tok_s": spec.stats.new_tokens / statistics.median(spec_s),
-        "tokens_per_forward": tpf,
-        "acceptance": spec.stats.acceptance_per_head,
-        "speedup": speedup,
-        "efficiency": speedup / tpf,
-        "identical": plain.tokens == spec.tokens,
-    }
+        for name, kwargs in methods.items():
+            t, outputs[name] = timed(lambda kwargs=kwargs: run(kwargs), device)
+            seconds[name].append(t)
+    plain_s = statistics.median(seconds["plain"])
+    results = {}
+    for name in methods:
+        out, median_s = outputs[name], statistics.median(seconds[name])
+        speedup, tpf = plain_s / median_s, out.stats.tokens_per_forward
+        results[name] = {
+            "tok_s": out.stats.new_tokens / median_s,
+            "tokens_per_forward": tpf,
+            "acceptance": out.stats.acceptance_per_head,
+            "speedup": speedup,
+            "efficiency": speedup / tpf,
+            "identical": out.tokens == outputs["plain"].tokens,
+        }
+    return results
 
 
-def bench_hf(args, model, hf_model, prompts, device) -> dict:
-    """Median seconds of our plain greedy decoding and transformers' generate(), alternating."""
+def bench_hf(args, model, hf_model, prompts, device, speculative: bool) -> dict:
+    """Median seconds of our greedy decoding (plain or speculative) and transformers' generate(), alternating."""
     ids = torch.tensor(prompts, device=device)
     n = args.max_new_tokens
 
     def ours():
-        return generate(model, prompts, n, speculative=False, compile=args.compile)
+        return generate(model, prompts, n, speculative=speculative, compile=args.compile)
 
     def hf():
         return hf_model.generate(
@@ -167,40 +215,41 @@ def main() -> None:
 
     if depth > 1:
         print("## Plain vs self-speculative greedy decoding\n")
+        methods = decoders(args, model)
         print(
-            "| batch | plain tok/s | spec tok/s | tokens/forward | acceptance per head | speedup | efficiency | identical |"
+            "| batch | method | tok/s | tokens/forward | acceptance per head | speedup | efficiency | identical |"
         )
         print("|---|---|---|---|---|---|---|---|")
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-            r = bench_speculative(args, model, make_prompts(args, model, tokenizer, batch_size), device)
-            acc = " / ".join(f"{a:.2f}" for a in r["acceptance"])
-            print(
-                f"| {batch_size} | {r['plain_tok_s']:.0f} | {r['spec_tok_s']:.0f} | {r['tokens_per_forward']:.2f} "
-                f"| {acc} | {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['identical']} |"
-            )
-        print("\nspeedup = plain time / speculative time; efficiency = speedup / tokens per forward.\n")
+            prompts = make_prompts(args, model, tokenizer, batch_size)
+            for name, r in bench_decoders(args, model, prompts, device, methods).items():
+                acc = " / ".join(f"{a:.2f}" for a in r["acceptance"]) or "-"
+                print(
+                    f"| {batch_size} | {name} | {r['tok_s']:.0f} | {r['tokens_per_forward']:.2f} | {acc} "
+                    f"| {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['identical']} |"
+                )
+        print("\nspeedup = plain time / method's time; efficiency = speedup / tokens per forward.\n")
     else:
         print("(one drafting head: no speculative comparison)\n")
 
     if args.no_hf:
         return
-    if config.head_style != "transformer":
-        print("(transformers comparison needs a transformer-style model; skipped)")
-        return
     from multitoken.interop import to_hf_llama
 
     hf_model = to_hf_llama(model).to(device).eval()
-    print("## Our plain greedy decoding vs transformers generate() (same weights, next-token path)\n")
-    print("| batch | ours tok/s | transformers tok/s | ours / transformers | identical tokens |")
-    print("|---|---|---|---|---|")
+    print("## Our greedy decoding vs transformers generate() (same weights, next-token path)\n")
+    print("| batch | ours | ours tok/s | transformers tok/s | ours / transformers | identical tokens |")
+    print("|---|---|---|---|---|---|")
     for batch_size in [int(b) for b in args.hf_batch_sizes.split(",")]:
         prompts = make_prompts(args, model, tokenizer, batch_size)
         if len({len(p) for p in prompts}) > 1:
             prompts = [p[: min(len(q) for q in prompts)] for p in prompts]  # transformers would need padding
-        r = bench_hf(args, model, hf_model, prompts, device)
-        print(
-            f"| {batch_size} | {r['ours_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {r['speedup']:.2f}x | {r['identical']} |"
-        )
+        for speculative in (False, True)[: 1 + (depth > 1)]:
+            r = bench_hf(args, model, hf_model, prompts, device, speculative)
+            print(
+                f"| {batch_size} | {'speculative' if speculative else 'plain'} | {r['ours_tok_s']:.0f} "
+                f"| {r['hf_tok_s']:.0f} | {r['speedup']:.2f}x | {r['identical']} |"
+            )
 
 
 if __name__ == "__main__":

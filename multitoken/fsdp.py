@@ -42,16 +42,19 @@ FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
 def build_sharded_model(
-    config: ModelConfig, device: torch.device, world_size: int, is_main: bool
+    config: ModelConfig, device: torch.device, world_size: int, is_main: bool, compile_blocks=None
 ) -> MultiTokenLM:
     """The model, sharded over all ranks on `device`, with the weights a one-process run starts from.
 
     Every rank must call it, right after seeding as a one-process run does: rank 0 initialises the full
     model on CPU (and frees it on return); no other rank ever holds more than its shards.
+    `compile_blocks(model)`, when given, runs before sharding, as torchtitan orders compile and FSDP.
     """
     full_state = MultiTokenLM(config).state_dict() if is_main else {}
     with torch.device("meta"):
         model = MultiTokenLM(config)
+    if compile_blocks is not None:
+        compile_blocks(model)
     shard_model(model, device, world_size)
     model.to_empty(device=device)
     model.init_buffers()

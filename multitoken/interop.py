@@ -105,17 +105,22 @@ def from_hf_llama(
 
 
 def to_hf_llama(model: MultiTokenLM) -> LlamaForCausalLM:
-    """The next-token path of a transformer-style model as a `transformers` LlamaForCausalLM."""
+    """The next-token path of a model as a `transformers` LlamaForCausalLM.
+
+    That path is the trunk and the next-token head: one more block in the transformer style, none in
+    the linear and sequential styles, whose next-token head is the trunk output itself.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = model.config
-    if config.head_style != "transformer":
-        raise UserError("only transformer-style models export to Llama")
+    head_block = config.head_style == "transformer"
+    if config.head_offsets[0] != 1:
+        raise UserError(f"this model has no next-token head (head_offsets {config.head_offsets})")
     hf_config = LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.dim,
         intermediate_size=config.ffn_hidden,
-        num_hidden_layers=config.n_trunk_layers + 1,
+        num_hidden_layers=config.n_trunk_layers + head_block,
         num_attention_heads=config.n_heads,
         num_key_value_heads=config.n_kv_heads,
         max_position_embeddings=config.max_seq_len,
@@ -130,7 +135,7 @@ def to_hf_llama(model: MultiTokenLM) -> LlamaForCausalLM:
         "model.norm.weight": ours["norm.weight"],
     }
     state["lm_head.weight"] = ours["output.weight"]
-    prefixes = [f"trunk.{i}." for i in range(len(model.trunk))] + ["heads.0."]
+    prefixes = [f"trunk.{i}." for i in range(len(model.trunk))] + ["heads.0."] * head_block
     for layer, prefix in enumerate(prefixes):
         for key, theirs in _BLOCK_KEYS.items():
             state[f"model.layers.{layer}.{theirs}"] = ours[prefix + key]

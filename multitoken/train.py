@@ -155,6 +155,13 @@ def make_optimizer(model: MultiTokenLM, cfg: TrainConfig, device: torch.device) 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
+def _compile_blocks(model: MultiTokenLM) -> None:
+    """torch.compile each transformer block in place, so state_dict keys stay plain."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
+
+
 class Trainer:
     """Owns one run: model, optimizer, data, logging and checkpoints."""
 
@@ -187,14 +194,16 @@ class Trainer:
 
             # Only rank 0 holds the full model, and only while its weights are sent to every rank's shards.
             self.model = fsdp.build_sharded_model(
-                self.model_config, self.device, self.dist.world_size, self.dist.is_main
+                self.model_config,
+                self.device,
+                self.dist.world_size,
+                self.dist.is_main,
+                compile_blocks=_compile_blocks if cfg.compile else None,
             )
         else:
             self.model = MultiTokenLM(self.model_config).to(self.device)
-        if cfg.compile:
-            for module in self.model.modules():
-                if isinstance(module, Block):
-                    module.compile()  # in place: state_dict keys stay plain
+            if cfg.compile:
+                _compile_blocks(self.model)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self._prepare_run_dir()
 

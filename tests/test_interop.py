@@ -5,6 +5,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from multitoken import from_hf_llama
 from multitoken.interop import to_hf_llama
 
+from conftest import tiny_model
+
 
 def hf_llama(tied: bool) -> LlamaForCausalLM:
     torch.manual_seed(0)
@@ -58,3 +60,13 @@ def test_round_trip_to_hf(tmp_path):
     tokens_BT = torch.randint(0, 101, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(back(tokens_BT).logits, hf(tokens_BT).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["transformer", "linear", "sequential"])
+def test_next_token_path_of_every_head_style_exports(style):
+    ours = tiny_model(2, n_future=3, head_style=style).eval()
+    hf = to_hf_llama(ours).eval()
+    assert hf.config.num_hidden_layers == ours.config.n_trunk_layers + (style == "transformer")
+    tokens_BT = torch.randint(0, 97, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens_BT).logits, ours(tokens_BT)[:, :, 0], atol=1e-5, rtol=1e-5)
