@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import statistics
 import time
 
@@ -34,6 +35,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the random model")
     parser.add_argument(
         "--prompt-file", help="one text prompt per line (needs a checkpoint with a tokenizer)"
+    )
+    parser.add_argument(
+        "--code-prompts-from", help="prepared dataset: use the function headers of its val split as prompts"
     )
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens per random prompt")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -79,15 +83,27 @@ def load_model(args, device: str):
 
 
 def make_prompts(args, model, tokenizer, batch_size: int) -> list[list[int]]:
-    if args.prompt_file:
+    if args.prompt_file or args.code_prompts_from:
         if tokenizer is None:
-            raise SystemExit("--prompt-file needs a checkpoint with a tokenizer")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            texts = [line for line in f.read().splitlines() if line.strip()]
+            raise SystemExit("text prompts need a checkpoint with a tokenizer")
+        texts = read_prompt_texts(args)
         return [tokenizer.encode(texts[i % len(texts)]) for i in range(batch_size)]
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, args.prompt_len), generator=gen)
     return ids.tolist()
+
+
+def read_prompt_texts(args) -> list[str]:
+    """Lines of --prompt-file, or the first function headers ("def name(") of a dataset's val split."""
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return [line for line in f.read().splitlines() if line.strip()]
+    from multitoken.data.loader import TokenDataset
+
+    data = TokenDataset(args.code_prompts_from, split="val")
+    text = data.tokenizer().decode(data.window(0, len(data)).tolist())
+    headers = list(dict.fromkeys(re.findall(r"^def \w+\(", text, flags=re.MULTILINE)))
+    return headers[: max(int(b) for b in args.batch_sizes.split(","))]
 
 
 def sync(device: str) -> None:

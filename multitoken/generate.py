@@ -9,6 +9,7 @@ Dimension letters: B batch, T block positions, D model width, V vocabulary, J dr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -177,6 +178,24 @@ def _forward_heads(model, tokens_BT: Tensor, rope, n_parallel_heads: int):
     return h_BTD, logits_BTV, states
 
 
+COMPILE_CACHE_BUCKET = 256
+"""With compile, KV caches are a multiple of this long (or the whole context)."""
+
+
+@functools.cache
+def _compiled_step(device_type: str):
+    """The decoding steps (chain, tree) compiled once per process, so repeated generate() calls reuse them.
+
+    On CUDA "reduce-overhead" replays the step as a CUDA graph, as gpt-fast does; the static KV cache is
+    updated in place inside it. Shapes are static within a call (batch, block, cache length).
+    """
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return (
+        torch.compile(_forward_block, dynamic=False, fullgraph=True, mode=mode),
+        torch.compile(_forward_tree, dynamic=False, fullgraph=True, mode=mode),
+    )
+
+
 class _Rows:
     """Per-row host-side bookkeeping: accepted tokens, stop conditions and streaming."""
 
@@ -258,7 +277,9 @@ def generate(
 
     A row ends at `eos_id` (not included in its tokens), after a stop string (kept; needs `tokenizer`),
     or after max_new_tokens. `on_tokens(row, new_ids)` is called as tokens are accepted, for streaming.
-    With `compile`, the decoding step is compiled with torch.compile on CUDA; ignored on CPU.
+    With `compile`, the decoding step is compiled with torch.compile (inductor; CUDA graphs on a GPU).
+    The first call of each shape compiles (tens of seconds); cache lengths are rounded up to a multiple
+    of COMPILE_CACHE_BUCKET so that later calls with other prompt lengths reuse the compiled step.
     """
     start_time = time.perf_counter()
     params = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
@@ -291,13 +312,14 @@ def generate(
     # Drafts a verification pass holds per drafting head: one in a chain, the tree's nodes at that depth.
     drafts_per_head = [1] * n_drafts if tree is None else torch.bincount(tree.depth_T)[1:].tolist()
     forward, forward_tree = _forward_block, _forward_tree
-    if compile and device.type == "cuda":
-        forward = torch.compile(_forward_block, dynamic=False)
-        forward_tree = torch.compile(_forward_tree, dynamic=False)
+    if compile:
+        forward, forward_tree = _compiled_step(device.type)
 
     lengths = [len(p) for p in prompt_ids]
     longest = max(lengths)
     cache_len = longest + max_new_tokens
+    if compile:  # fewer distinct cache shapes, fewer recompilations
+        cache_len = min(-(-cache_len // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET, config.max_seq_len)
     # Real positions stay below cache_len - 1 (see the step below); padding writes to that spare slot.
     scratch = cache_len - 1
     # A tree's nodes occupy one slot each past a row's committed length.
@@ -501,6 +523,7 @@ def generate_cli(
     stop: list[str] | None = None,
     compare_plain: bool = False,
     draft_tree: str | None = None,
+    compile: bool = False,
 ) -> None:
     """Continue text prompts with a trained checkpoint, streaming the text as it is accepted.
 
@@ -527,6 +550,8 @@ def generate_cli(
         compare_plain: also decode without drafting; report the speedup and whether the outputs match.
         draft_tree: verify a tree of drafts per step (greedy only), given as widths per depth: 4,2,1
             tries the top 4 drafts of the +2 head, after each the top 2 of the +3 head, then the top +4.
+        compile: compile the decoding step with torch.compile: the first batch waits tens of seconds
+            to compile, later steps run faster (CUDA graphs on a GPU).
     """
     from multitoken.checkpoint import load_checkpoint
 
@@ -561,6 +586,7 @@ def generate_cli(
                 tokenizer=tokenizer,
                 on_tokens=on_tokens,
                 draft_tree=tree_mode,
+                compile=compile,
             )
 
         result = run(speculative, tree, stream)

@@ -217,3 +217,16 @@ def test_generate_cli_streams_and_writes_stats(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.count("\n---\n") == 3
     with pytest.raises(UserError, match="exactly one"):
         generate_cli("ckpt", device="cpu")
+
+
+def test_compiled_decoding_step_matches_eager_and_is_reused():
+    """torch.compile of the step (CPU inductor here): same tokens, and one graph serves other prompt lengths."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_model(3, n_future=2, head_style="linear", n_layers=2).eval()
+    for prompts in (PROMPTS, [[7] * 9, [3, 1, 4, 1, 5], [2], [6, 6]]):
+        eager = generate(model, prompts, 12)
+        compiled = generate(model, prompts, 12, compile=True)
+        assert compiled.tokens == eager.tokens
+    assert counters["stats"]["unique_graphs"] == 1  # the cache length bucket kept the shapes static
