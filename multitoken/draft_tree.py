@@ -100,6 +100,10 @@ class TreeTensors:
     """ancestor_TT[i, j]: node j is node i or one of its ancestors (what node i attends to)."""
     path_TP: Tensor
     """path_TP[i, d]: node i's ancestor at depth d, or node i itself for d beyond its depth."""
+    levels: list[Tensor]
+    """levels[d - 1]: the nodes at depth d (kept here so a step never asks the device for them)."""
+    top_k: int
+    """Drafts per head the tree reads: the highest rank + 1."""
 
     @classmethod
     def build(cls, tree: DraftTree, device) -> TreeTensors:
@@ -114,6 +118,11 @@ class TreeTensors:
             rank_T=torch.tensor([p[-1] if p else 0 for p in nodes], device=device),
             ancestor_TT=torch.tensor(ancestor, device=device),
             path_TP=torch.tensor(path, device=device),
+            levels=[
+                torch.tensor([i for i, p in enumerate(nodes) if len(p) == d], device=device)
+                for d in range(1, tree.depth + 1)
+            ],
+            top_k=max(tree.widths()),
         )
 
 
@@ -158,8 +167,7 @@ def measure_rank_accuracy(model, tokens_BT: Tensor, depth: int, max_rank: int) -
 
 def tree_candidates(next_B: Tensor, draft_logits_BJV: Tensor, tree: TreeTensors) -> Tensor:
     """Tokens of every node, (B, T): the pending token at the root, node (.., r) at depth d the r-th draft of head d + 1."""
-    k = int(tree.rank_T.max()) + 1
-    top_BJK = draft_logits_BJV.topk(k, dim=-1).indices
+    top_BJK = draft_logits_BJV.topk(tree.top_k, dim=-1).indices
     head_T = (tree.depth_T - 1).clamp(min=0)
     tokens_BT = top_BJK[:, head_T, tree.rank_T]
     tokens_BT[:, 0] = next_B
@@ -191,8 +199,7 @@ def accept_tree_greedy(
     ok_BT = (tokens_BT == target_BT[:, tree.parent_T]) & (tree.depth_T <= max_drafts_B.unsqueeze(1))
     confirmed_BT = torch.zeros_like(ok_BT)
     confirmed_BT[:, 0] = True
-    for d in range(1, int(tree.depth_T.max()) + 1):
-        level_L = (tree.depth_T == d).nonzero().squeeze(1)
+    for level_L in tree.levels:
         confirmed_BT[:, level_L] = ok_BT[:, level_L] & confirmed_BT[:, tree.parent_T[level_L]]
     n_accepted_B, last_B = (confirmed_BT * tree.depth_T).max(1)
     bonus_B = target_BT.gather(1, last_B.unsqueeze(1)).squeeze(1)

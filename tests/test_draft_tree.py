@@ -77,6 +77,7 @@ def test_tables_of_a_small_tree():
     assert t.depth_T.tolist() == [0, 1, 1, 2, 2]
     assert t.rank_T.tolist() == [0, 0, 1, 1, 0]
     assert t.path_TP.tolist() == [[0, 0, 0], [0, 1, 1], [0, 2, 2], [0, 1, 3], [0, 2, 4]]
+    assert [level.tolist() for level in t.levels] == [[1, 2], [3, 4]] and t.top_k == 2
     expected = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]]
     assert t.ancestor_TT.int().tolist() == expected
     assert len(DraftTree.from_widths([4, 2, 1]).paths) == 4 + 8 + 8
