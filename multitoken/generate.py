@@ -182,6 +182,10 @@ COMPILE_CACHE_BUCKET = 256
 """With compile, KV caches are a multiple of this long (or the whole context)."""
 
 
+COMPILE_RECOMPILE_LIMIT = 64
+"""Compiled decoding steps kept per process (each batch size, block size and cache length is one)."""
+
+
 @functools.cache
 def _compiled_step(device_type: str):
     """The decoding steps (chain, tree) compiled once per process, so repeated generate() calls reuse them.
@@ -190,10 +194,18 @@ def _compiled_step(device_type: str):
     updated in place inside it. Shapes are static within a call (batch, block, cache length).
     """
     mode = "reduce-overhead" if device_type == "cuda" else None
-    return (
-        torch.compile(_forward_block, dynamic=False, fullgraph=True, mode=mode),
-        torch.compile(_forward_tree, dynamic=False, fullgraph=True, mode=mode),
-    )
+
+    def compiled(step):
+        compiled_step = torch.compile(step, dynamic=False, fullgraph=True, mode=mode)
+
+        def run(*args):
+            # One graph per (batch, block, cache length): more than dynamo's default of 8 per function.
+            with torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT):
+                return compiled_step(*args)
+
+        return run
+
+    return compiled(_forward_block), compiled(_forward_tree)
 
 
 class _Rows:
