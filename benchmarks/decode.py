@@ -21,8 +21,8 @@ import torch
 
 from multitoken.config import preset_config
 from multitoken.draft_tree import DraftTree, measure_rank_accuracy, sparse_tree
-from multitoken.generate import generate
-from multitoken.model import MultiTokenLM
+from multitoken.generate import COMPILE_CACHE_BUCKET, generate
+from multitoken.model import Attention, MultiTokenLM
 from multitoken.speculative import draft_depth
 
 
@@ -47,7 +47,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA only)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoding step (inductor on CPU, CUDA graphs on GPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--draft-trees",
@@ -56,6 +60,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--sparse-trees", default="", help="node counts of sparse trees to compare, e.g. 8,16"
+    )
+    parser.add_argument(
+        "--peak-bandwidth-gbs",
+        type=float,
+        help="memory bandwidth peak (H100 SXM: 3350): report the share used",
     )
     parser.add_argument(
         "--calibrate-data", help="prepared dataset whose val split calibrates the sparse trees"
@@ -179,6 +188,38 @@ def bench_decoders(args, model, prompts, device, methods: dict[str, dict]) -> di
     return results
 
 
+def bytes_per_plain_step(model, prompt_len: int, max_new_tokens: int, batch_size: int, compiled: bool) -> int:
+    """Bytes one plain decoding step reads: the next-token path's weights, and every row's whole KV cache.
+
+    The cache is static, and attention reads all its slots (masking the unused ones), as in gpt-fast.
+    """
+    path = [*model.trunk, model.heads[0], model.norm, model.output]
+    params = {id(p): p for module in path for p in module.parameters()}  # tied weights counted once
+    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    cache_len = prompt_len + max_new_tokens
+    if compiled:
+        cache_len = min(
+            -(-cache_len // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET, model.config.max_seq_len
+        )
+    layers = sum(isinstance(m, Attention) for module in path for m in module.modules())
+    c, element = model.config, next(model.parameters()).element_size()
+    kv_bytes = layers * 2 * batch_size * cache_len * c.n_kv_heads * c.head_dim * element
+    return weight_bytes + kv_bytes
+
+
+def bench_bandwidth(args, model, tokenizer, device) -> None:
+    """Batch-1 plain decoding: tokens/s and the share of peak memory bandwidth it reads at."""
+    prompts = make_prompts(args, model, tokenizer, 1)
+    r = bench_decoders(args, model, prompts, device, {"plain": dict(speculative=False)})["plain"]
+    step_bytes = bytes_per_plain_step(model, len(prompts[0]), args.max_new_tokens, 1, args.compile)
+    gbs = step_bytes * r["tok_s"] / 1e9
+    print("## Memory bandwidth of plain decoding, batch 1\n")
+    print("| tok/s | MB read per step | GB/s | peak GB/s | fraction of peak |")
+    print("|---|---|---|---|---|")
+    peak = args.peak_bandwidth_gbs
+    print(f"| {r['tok_s']:.0f} | {step_bytes / 1e6:.1f} | {gbs:.1f} | {peak:g} | {gbs / peak:.2f} |\n")
+
+
 def bench_hf(args, model, hf_model, prompts, device, speculative: bool) -> dict:
     """Median seconds of our greedy decoding (plain or speculative) and transformers' generate(), alternating."""
     ids = torch.tensor(prompts, device=device)
@@ -226,7 +267,8 @@ def main() -> None:
     print(
         f"n_future={config.n_future} offsets={config.head_offsets} style={config.head_style} "
         f"draft depth={depth}, {model.num_params() / 1e6:.1f}M params, {args.dtype}, {device} ({machine}), "
-        f"{args.max_new_tokens} new tokens, median of {args.repeats}, torch {torch.__version__}\n"
+        f"{args.max_new_tokens} new tokens, median of {args.repeats}, torch {torch.__version__}, "
+        f"our decoding step {'compiled' if args.compile else 'eager'} (transformers always eager)\n"
     )
 
     if depth > 1:
@@ -248,6 +290,8 @@ def main() -> None:
     else:
         print("(one drafting head: no speculative comparison)\n")
 
+    if args.peak_bandwidth_gbs:
+        bench_bandwidth(args, model, tokenizer, device)
     if args.no_hf:
         return
     from multitoken.interop import to_hf_llama
