@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_checks.sh [peak bf16 TFLOP/s, default 989 (H100/H200 SXM)] [peak GB/s, default 3350]
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || make venv  # with CUDA present, the venv reuses the machine's torch
 PEAK_TFLOPS=${1:-989}
 PEAK_GBS=${2:-3350}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
