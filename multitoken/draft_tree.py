@@ -6,7 +6,9 @@ the head with offset 2, then the r_2-th of the head with offset 3, and so on. Ev
 model at once, each attending to the committed cache and to its own ancestors only, so each node's
 next-token logits are exactly those of its path. Greedy verification keeps the deepest node whose every
 token equals the next-token head's argmax after its parent: the output stays token for token that of
-plain greedy decoding. Drafting heads are parallel (transformer or linear style), as in Medusa.
+plain greedy decoding. Sampled verification tries each node's children in rank order against the
+residual distribution, so samples follow exactly the law of plain sampling. Drafting heads are
+parallel (transformer or linear style), as in Medusa.
 
 Cache layout of one step, row b at committed length pos_B[b]: node i (node 0 is the pending token, the
 root) is written to slot pos_B[b] + i with RoPE position pos_B[b] + depth(i). After verification the
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from multitoken.errors import UserError
+from multitoken.sampling import SamplingParams, sample, sampling_probs
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class TreeTensors:
     """ancestor_TT[i, j]: node j is node i or one of its ancestors (what node i attends to)."""
     path_TP: Tensor
     """path_TP[i, d]: node i's ancestor at depth d, or node i itself for d beyond its depth."""
+    children_TC: Tensor
+    """children_TC[i]: node i's children in rank order, padded with -1."""
     levels: list[Tensor]
     """levels[d - 1]: the nodes at depth d (kept here so a step never asks the device for them)."""
     top_k: int
@@ -112,12 +117,15 @@ class TreeTensors:
         parent = [index[p[:-1]] if p else 0 for p in nodes]
         ancestor = [[p[: len(q)] == q and len(q) <= len(p) for q in nodes] for p in nodes]
         path = [[index[p[: min(d, len(p))]] for d in range(tree.depth + 1)] for p in nodes]
+        children = [[index[q] for q in tree.paths if q[:-1] == p] for p in nodes]  # paths are rank-sorted
+        width = max(len(c) for c in children)
         return cls(
             parent_T=torch.tensor(parent, device=device),
             depth_T=torch.tensor([len(p) for p in nodes], device=device),
             rank_T=torch.tensor([p[-1] if p else 0 for p in nodes], device=device),
             ancestor_TT=torch.tensor(ancestor, device=device),
             path_TP=torch.tensor(path, device=device),
+            children_TC=torch.tensor([c + [-1] * (width - len(c)) for c in children], device=device),
             levels=[
                 torch.tensor([i for i, p in enumerate(nodes) if len(p) == d], device=device)
                 for d in range(1, tree.depth + 1)
@@ -206,6 +214,57 @@ def accept_tree_greedy(
     return n_accepted_B, tree.path_TP[last_B], bonus_B
 
 
+def accept_tree_sampled(
+    logits_BTV: Tensor,
+    tokens_BT: Tensor,
+    max_drafts_B: Tensor,
+    tree: TreeTensors,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Lossless sampling through the tree: the output is distributed exactly as plain sampling.
+
+    The drafts are fixed candidates (point masses), so at the current node each child x is tried in rank
+    order and kept with probability r(x), where r is the next-token distribution p there with the
+    already rejected siblings removed and renormalised: x1 is kept with probability p(x1), x2 with
+    p(x2) / (1 - p(x1)), ..., so each token comes out with probability p(x), as in SpecInfer's
+    multi-draft verification. A kept child becomes the current node; after the last one the bonus token
+    is drawn from r. Returns (n_accepted_B, path_BP, bonus_B) like `accept_tree_greedy`.
+    """
+    p_BTV = sampling_probs(logits_BTV, params)
+    B = tokens_BT.shape[0]
+    rows_B = torch.arange(B, device=tokens_BT.device)
+    node_B = torch.zeros_like(rows_B)
+    n_accepted_B = torch.zeros_like(rows_B)
+    descending_B = torch.ones(B, dtype=torch.bool, device=tokens_BT.device)
+    r_BV = p_BTV[:, 0].clone()
+    path = [node_B]
+    for depth in range(1, len(tree.levels) + 1):
+        kept_B = torch.zeros_like(descending_B)
+        for child_rank in range(tree.children_TC.shape[1]):
+            child_B = tree.children_TC[node_B, child_rank]
+            tried_B = descending_B & ~kept_B & (child_B >= 0) & (depth <= max_drafts_B)
+            token_B = tokens_BT[rows_B, child_B.clamp(min=0)]
+            u_B = torch.rand(B, device=tokens_BT.device, generator=generator)
+            keep_B = tried_B & (u_B < r_BV[rows_B, token_B])
+            rejected_B = tried_B & ~keep_B
+            r_BV[rows_B[rejected_B], token_B[rejected_B]] = 0.0
+            r_BV = torch.where(rejected_B.unsqueeze(1), _normalised(r_BV, p_BTV[rows_B, node_B]), r_BV)
+            node_B = torch.where(keep_B, child_B, node_B)
+            r_BV = torch.where(keep_B.unsqueeze(1), p_BTV[rows_B, node_B], r_BV)
+            kept_B |= keep_B
+        n_accepted_B = n_accepted_B + kept_B
+        descending_B &= kept_B
+        path.append(node_B)
+    return n_accepted_B, torch.stack(path, dim=1), sample(r_BV, generator)
+
+
+def _normalised(r_BV: Tensor, fallback_BV: Tensor) -> Tensor:
+    """r / sum(r); rows left with no mass (only by rounding) fall back to the node's p."""
+    total_B1 = r_BV.sum(-1, keepdim=True)
+    return torch.where(total_B1 > 0, r_BV / total_B1.clamp(min=1e-30), fallback_BV)
+
+
 def commit_path(model, pos_B: Tensor, path_BP: Tensor) -> None:
     """Move the accepted path's keys and values from their node slots to consecutive slots from pos_B.
 
@@ -225,6 +284,7 @@ __all__ = [
     "DraftTree",
     "TreeTensors",
     "accept_tree_greedy",
+    "accept_tree_sampled",
     "commit_path",
     "measure_rank_accuracy",
     "sparse_tree",

@@ -23,6 +23,7 @@ from torch import Tensor
 from multitoken.draft_tree import (
     DraftTree,
     accept_tree_greedy,
+    accept_tree_sampled,
     commit_path,
     tree_candidates,
     tree_positions,
@@ -136,14 +137,12 @@ def _check_inputs(
     if stop_strings and tokenizer is None:
         raise UserError("stop strings need a tokenizer to decode the generated tokens")
     if draft_tree is not None:
-        _check_tree(config, draft_tree, params, speculative)
+        _check_tree(config, draft_tree, speculative)
 
 
-def _check_tree(config, tree: DraftTree, params: SamplingParams, speculative) -> None:
+def _check_tree(config, tree: DraftTree, speculative) -> None:
     if speculative is False:
         raise UserError("a draft tree is a way of speculating: drop --no-speculative or the tree")
-    if not params.greedy:
-        raise UserError("draft trees verify greedy decoding only: use --temperature 0, or drop the tree")
     if config.head_style == "sequential":
         raise UserError(
             "draft trees need parallel heads (transformer or linear); sequential heads draft in a chain"
@@ -284,8 +283,8 @@ def generate(
     floating-point ties); speculative sampling draws from exactly the same distribution as plain sampling,
     though not the same tokens for a given seed.
 
-    `draft_tree` (greedy decoding, parallel heads) verifies a tree of several drafts per future position
-    in each forward pass instead of one chain; see `multitoken.draft_tree`.
+    `draft_tree` (parallel heads) verifies a tree of several drafts per future position in each forward
+    pass instead of one chain, greedy or sampled, with the same guarantees; see `multitoken.draft_tree`.
 
     A row ends at `eos_id` (not included in its tokens), after a stop string (kept; needs `tokenizer`),
     or after max_new_tokens. `on_tokens(row, new_ids)` is called as tokens are accepted, for streaming.
@@ -395,7 +394,12 @@ def generate(
                 nodes_BT = tree_candidates(next_B, draft_logits_BJV, tree)
                 placement = tree_positions(pos_B, tree, model.cache_len(), config.max_seq_len)
                 h_BTD, logits_BTV, states = forward_tree(model, nodes_BT, *placement, n_drafts)
-                n_acc_B, path_BP, next_B = accept_tree_greedy(logits_BTV, nodes_BT, n_drafts_B, tree)
+                if params.greedy:
+                    n_acc_B, path_BP, next_B = accept_tree_greedy(logits_BTV, nodes_BT, n_drafts_B, tree)
+                else:
+                    n_acc_B, path_BP, next_B = accept_tree_sampled(
+                        logits_BTV, nodes_BT, n_drafts_B, tree, params, generator
+                    )
                 commit_path(model, pos_B, path_BP)
                 draft_logits_BJV = parallel_draft_logits(model, h_BTD, None, path_BP[:, -1], depth, states)
                 candidates_BJ = nodes_BT.gather(1, path_BP)[:, 1:]
@@ -560,7 +564,7 @@ def generate_cli(
         device: cpu, cuda, cuda:N or auto.
         stop: stop strings; a continuation ends after the first one it produces.
         compare_plain: also decode without drafting; report the speedup and whether the outputs match.
-        draft_tree: verify a tree of drafts per step (greedy only), given as widths per depth: 4,2,1
+        draft_tree: verify a tree of drafts per step, given as widths per depth: 4,2,1
             tries the top 4 drafts of the +2 head, after each the top 2 of the +3 head, then the top +4.
         compile: compile the decoding step with torch.compile: the first batch waits tens of seconds
             to compile, later steps run faster (CUDA graphs on a GPU).

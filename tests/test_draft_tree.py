@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_generate import PROMPTS, CharTokenizer, agreeing_model, first_repeat_free_token
+from test_speculative import chi2_pvalue, exact_laws, generate_module, peaky, sample_counts
 
+import multitoken.draft_tree as draft_tree_module
 from multitoken.draft_tree import (
     DraftTree,
     accept_tree_greedy,
@@ -21,6 +23,7 @@ from multitoken.draft_tree import (
 )
 from multitoken.errors import UserError
 from multitoken.generate import generate, generate_cli
+from multitoken.sampling import sample, sampling_probs
 
 from conftest import tiny_model
 
@@ -165,7 +168,6 @@ def test_measure_rank_accuracy_matches_a_direct_count():
 @pytest.mark.parametrize(
     ("model_kwargs", "kwargs", "message"),
     [
-        (dict(n_future=3), dict(temperature=0.7), "greedy decoding only"),
         (dict(n_future=3), dict(speculative=False), "drop --no-speculative"),
         (dict(n_future=3, head_style="sequential"), {}, "parallel heads"),
         (dict(n_future=2), {}, "2 deep but this model has 1 drafting heads"),
@@ -193,3 +195,29 @@ def test_generate_cli_draft_tree(monkeypatch, capsys, tmp_path):
     assert record["drafts_proposed"][:2] == [3 * record["row_forwards"] - 3, 6 * record["row_forwards"] - 6]
     with pytest.raises(UserError, match="drop --no-speculative"):
         generate_cli("ckpt", draft_tree="3,2", speculative=False, **args)
+
+
+@pytest.mark.parametrize("style", ["transformer", "linear"])
+def test_tree_sampling_law(style):
+    """Sampling through a tree draws (x1, x2) and (x2, x3) with plain sampling's exact law."""
+    model = peaky(style)
+    law12, law23 = exact_laws(model)
+    c12, c23, stats = sample_counts(model, True, draft_tree=DraftTree.from_widths([2, 2]))
+    assert chi2_pvalue(c12, law12) > 1e-3
+    assert chi2_pvalue(c23, law23) > 1e-3
+    assert all(r > 0 for r in stats.drafts_reached) and 0 < stats.acceptance_per_head[0] < 1
+
+
+def test_tree_sampling_law_check_rejects_a_wrong_sampler(monkeypatch):
+    """Power check: keeping a child with p(x) instead of the residual's r(x) is caught."""
+    real = draft_tree_module.accept_tree_sampled
+
+    def no_residual(logits_BTV, tokens_BT, max_drafts_B, tree, params, generator):
+        n_acc_B, path_BP, _ = real(logits_BTV, tokens_BT, max_drafts_B, tree, params, generator)
+        p_BV = sampling_probs(logits_BTV, params)[torch.arange(len(path_BP)), path_BP[:, -1]]
+        return n_acc_B, path_BP, sample(p_BV, generator)  # bonus from p, ignoring rejected siblings
+
+    monkeypatch.setattr(generate_module, "accept_tree_sampled", no_residual)
+    law12, _ = exact_laws(peaky())
+    c12, _, _ = sample_counts(peaky(), True, draft_tree=DraftTree.from_widths([2, 2]))
+    assert chi2_pvalue(c12, law12) < 1e-6

@@ -246,7 +246,7 @@ def chi2_pvalue(counts_VV, law_VV):
     return chisquare(f_obs.numpy(), f_exp.numpy()).pvalue
 
 
-def sample_counts(model, speculative, n=4000, seed=0):
+def sample_counts(model, speculative, n=4000, seed=0, **kwargs):
     V = model.config.vocab_size
     out = generate(
         model,
@@ -257,6 +257,7 @@ def sample_counts(model, speculative, n=4000, seed=0):
         top_p=PARAMS.top_p,
         speculative=speculative,
         seed=seed,
+        **kwargs,
     )
     seqs = torch.tensor(out.tokens)
     c12 = torch.bincount(seqs[:, 0] * V + seqs[:, 1], minlength=V * V).view(V, V)
