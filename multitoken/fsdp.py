@@ -42,15 +42,22 @@ FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
 def build_sharded_model(
-    config: ModelConfig, device: torch.device, world_size: int, is_main: bool, compile_blocks=None
+    config: ModelConfig,
+    device: torch.device,
+    world_size: int,
+    is_main: bool,
+    compile_blocks=None,
+    initialise: bool = True,
 ) -> MultiTokenLM:
     """The model, sharded over all ranks on `device`, with the weights a one-process run starts from.
 
     Every rank must call it, right after seeding as a one-process run does: rank 0 initialises the full
     model on CPU (and frees it on return); no other rank ever holds more than its shards.
     `compile_blocks(model)`, when given, runs before sharding, as torchtitan orders compile and FSDP.
+    With `initialise=False` (a resumed run, whose checkpoint is loaded next) the shards are left
+    uninitialised and no rank builds the full model.
     """
-    full_state = MultiTokenLM(config).state_dict() if is_main else {}
+    full_state = MultiTokenLM(config).state_dict() if is_main and initialise else {}
     with torch.device("meta"):
         model = MultiTokenLM(config)
     if compile_blocks is not None:
@@ -58,7 +65,8 @@ def build_sharded_model(
     shard_model(model, device, world_size)
     model.to_empty(device=device)
     model.init_buffers()
-    set_model_state_dict(model, full_state, options=FROM_RANK0)
+    if initialise:
+        set_model_state_dict(model, full_state, options=FROM_RANK0)
     return model
 
 

@@ -199,6 +199,7 @@ class Trainer:
                 self.dist.world_size,
                 self.dist.is_main,
                 compile_blocks=_compile_blocks if cfg.compile else None,
+                initialise=not (cfg.resume and ckpt_io.find_latest(self.run_dir) is not None),
             )
         else:
             self.model = MultiTokenLM(self.model_config).to(self.device)
