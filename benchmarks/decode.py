@@ -21,7 +21,7 @@ import torch
 
 from multitoken.config import preset_config
 from multitoken.draft_tree import DraftTree, measure_rank_accuracy, sparse_tree
-from multitoken.generate import COMPILE_CACHE_BUCKET, generate
+from multitoken.generate import cache_length, generate
 from multitoken.model import Attention, MultiTokenLM
 from multitoken.speculative import draft_depth
 
@@ -196,11 +196,7 @@ def bytes_per_plain_step(model, prompt_len: int, max_new_tokens: int, batch_size
     path = [*model.trunk, model.heads[0], model.norm, model.output]
     params = {id(p): p for module in path for p in module.parameters()}  # tied weights counted once
     weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
-    cache_len = prompt_len + max_new_tokens
-    if compiled:
-        cache_len = min(
-            -(-cache_len // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET, model.config.max_seq_len
-        )
+    cache_len = cache_length(prompt_len, max_new_tokens, model.config.max_seq_len, compiled)
     layers = sum(isinstance(m, Attention) for module in path for m in module.modules())
     c, element = model.config, next(model.parameters()).element_size()
     kv_bytes = layers * 2 * batch_size * cache_len * c.n_kv_heads * c.head_dim * element

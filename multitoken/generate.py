@@ -181,6 +181,14 @@ COMPILE_CACHE_BUCKET = 256
 """With compile, KV caches are a multiple of this long (or the whole context)."""
 
 
+def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int, compile: bool) -> int:
+    """Positions of the KV cache for a call; compiled calls round up, so other lengths reuse the graph."""
+    length = longest_prompt + max_new_tokens
+    if compile:
+        length = min(-(-length // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET, max_seq_len)
+    return length
+
+
 COMPILE_RECOMPILE_LIMIT = 64
 """Compiled decoding steps kept per process (each batch size, block size and cache length is one)."""
 
@@ -321,16 +329,14 @@ def generate(
         drafts_accepted=[0] * n_drafts,
     )
     # Drafts a verification pass holds per drafting head: one in a chain, the tree's nodes at that depth.
-    drafts_per_head = [1] * n_drafts if tree is None else torch.bincount(tree.depth_T)[1:].tolist()
+    drafts_per_head = [1] * n_drafts if tree is None else [len(level) for level in tree.levels]
     forward, forward_tree = _forward_block, _forward_tree
     if compile:
         forward, forward_tree = _compiled_step(device.type)
 
     lengths = [len(p) for p in prompt_ids]
     longest = max(lengths)
-    cache_len = longest + max_new_tokens
-    if compile:  # fewer distinct cache shapes, fewer recompilations
-        cache_len = min(-(-cache_len // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET, config.max_seq_len)
+    cache_len = cache_length(longest, max_new_tokens, config.max_seq_len, compile)
     # Real positions stay below cache_len - 1 (see the step below); padding writes to that spare slot.
     scratch = cache_len - 1
     # A tree's nodes occupy one slot each past a row's committed length.

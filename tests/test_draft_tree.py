@@ -3,13 +3,11 @@
 import itertools
 import json
 import math
-import sys
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_generate import PROMPTS, CharTokenizer, agreeing_model, first_repeat_free_token
+from test_generate import PROMPTS, CharTokenizer, agreeing_model, first_repeat_free_token, serve_as_checkpoint
 from test_speculative import chi2_pvalue, exact_laws, generate_module, peaky, sample_counts
 
 import multitoken.draft_tree as draft_tree_module
@@ -182,9 +180,7 @@ def test_bad_tree_use_is_one_line(model_kwargs, kwargs, message):
 
 def test_generate_cli_draft_tree(monkeypatch, capsys, tmp_path):
     model = agreeing_model("linear", 3).float()
-    fake = types.ModuleType("multitoken.checkpoint")
-    fake.load_checkpoint = lambda path, device="cpu": (model, CharTokenizer())
-    monkeypatch.setitem(sys.modules, "multitoken.checkpoint", fake)
+    serve_as_checkpoint(monkeypatch, model)
     stats_file = tmp_path / "stats.json"
     args = dict(prompt="bcd", max_new_tokens=12, device="cpu", stats_json=str(stats_file))
     generate_cli("ckpt", draft_tree="3,2", compare_plain=True, **args)

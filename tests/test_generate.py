@@ -188,11 +188,16 @@ def test_trained_model_accepts_drafts():
     assert spec.stats.tokens_per_forward > 1.5
 
 
-def test_generate_cli_streams_and_writes_stats(tmp_path, monkeypatch, capsys):
-    model = agreeing_model("linear", 3).float()
+def serve_as_checkpoint(monkeypatch, model) -> None:
+    """Make generate_cli's load_checkpoint return `model` with a CharTokenizer, whatever the path."""
     fake = types.ModuleType("multitoken.checkpoint")
     fake.load_checkpoint = lambda path, device="cpu": (model, CharTokenizer())
     monkeypatch.setitem(sys.modules, "multitoken.checkpoint", fake)
+
+
+def test_generate_cli_streams_and_writes_stats(tmp_path, monkeypatch, capsys):
+    model = agreeing_model("linear", 3).float()
+    serve_as_checkpoint(monkeypatch, model)
     stats_file = tmp_path / "stats.json"
     generate_cli(
         "ckpt",
