@@ -23,10 +23,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(MT) prepare --source python-stdlib --tokenizer bpe --vocab-size 4096 --out $(DEMO_DATA)
 	rm -rf $(DEMO_RUN)
-	$(MT) train --data $(DEMO_DATA) --preset tiny --n-future 4 --head-style linear --seq-len 256 \
-		--batch-size 8 --max-steps 600 --warmup-steps 50 --lr 3e-3 --val-every 300 --save-every 300 --out $(DEMO_RUN)
-	$(MT) generate --checkpoint $(DEMO_RUN) --prompt "$$(printf 'import os\nimport sys\n\n\ndef ')" \
-		--max-new-tokens 160 --stats --compare-plain
+	$(MT) train --data $(DEMO_DATA) --preset tiny --n-future 4 --head-style linear --seq-len 128 \
+		--batch-size 4 --max-steps 1500 --warmup-steps 50 --lr 3e-3 --val-every 500 --save-every 500 --out $(DEMO_RUN)
+	$(MT) generate --checkpoint $(DEMO_RUN) --prompt "def fibonacci(n):" --max-new-tokens 100 --stats --compare-plain
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" tests

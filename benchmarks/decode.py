@@ -217,8 +217,13 @@ def bench_bandwidth(args, model, tokenizer, device) -> None:
 
 
 def bench_hf(args, model, hf_model, prompts, device, speculative: bool) -> dict:
-    """Median seconds of our greedy decoding (plain or speculative) and transformers' generate(), alternating."""
-    ids = torch.tensor(prompts, device=device)
+    """Median seconds of our greedy decoding (plain or speculative) and transformers' generate(), alternating.
+
+    transformers gets the same prompts left-padded, with an attention mask (our decoding needs no padding).
+    """
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
     n = args.max_new_tokens
 
     def ours():
@@ -227,7 +232,7 @@ def bench_hf(args, model, hf_model, prompts, device, speculative: bool) -> dict:
     def hf():
         return hf_model.generate(
             ids,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=mask,
             max_new_tokens=n,
             min_new_tokens=n,
             do_sample=False,
@@ -298,8 +303,6 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for batch_size in [int(b) for b in args.hf_batch_sizes.split(",")]:
         prompts = make_prompts(args, model, tokenizer, batch_size)
-        if len({len(p) for p in prompts}) > 1:
-            prompts = [p[: min(len(q) for q in prompts)] for p in prompts]  # transformers would need padding
         for speculative in (False, True)[: 1 + (depth > 1)]:
             r = bench_hf(args, model, hf_model, prompts, device, speculative)
             print(
