@@ -12,13 +12,6 @@ from dataclasses import dataclass, field
 import torch
 
 
-def resolve_device(name: str) -> str:
-    """'auto' means CUDA when available, else CPU; anything else is passed through."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def sync(device: str) -> None:
     """Wait for queued GPU work, so wall-clock timings cover it."""
     if device.startswith("cuda"):

@@ -40,11 +40,11 @@ from common import (
     markdown_table,
     median,
     paired_ratio,
-    resolve_device,
     today,
 )
 
 from multitoken.config import ModelConfig, preset_config
+from multitoken.devices import resolve_device
 from multitoken.loss import multi_token_backward
 from multitoken.model import MultiTokenLM
 

@@ -94,6 +94,10 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+VERBATIM_LIST_FLAGS = frozenset({"stop"})
+"""List fields of free text, where a comma is content: several values, never split at commas."""
+
+
 def add_argument(
     parser: argparse.ArgumentParser, name: str, annotation: Any, help_text: str, required: bool = False
 ) -> None:
@@ -111,7 +115,10 @@ def add_argument(
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
     elif origin is list:
         item = _scalar(typing.get_args(tp)[0])
-        parser.add_argument(flag, nargs="+", type=_comma_list(item), action=_ExtendFlat, **kwargs)
+        if name in VERBATIM_LIST_FLAGS:
+            parser.add_argument(flag, nargs="+", type=item, action="extend", **kwargs)
+        else:
+            parser.add_argument(flag, nargs="+", type=_comma_list(item), action=_ExtendFlat, **kwargs)
     elif origin is typing.Literal:
         parser.add_argument(flag, choices=typing.get_args(tp), **kwargs)
     elif origin is dict:

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as torch_dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from multitoken.devices import resolve_device
+
 BUCKET_BYTES = 64 * 2**20
 
 
@@ -35,9 +37,7 @@ class Dist:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        resolved = torch.device(device)
+        resolved = torch.device(resolve_device(device))
         if resolved.type == "cuda" and resolved.index is None:
             resolved = torch.device("cuda", local_rank if world_size > 1 else 0)
         if resolved.type == "cuda":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from multitoken.devices import resolve_device
 from multitoken.draft_tree import (
     DraftTree,
     accept_tree_greedy,
@@ -104,9 +107,18 @@ def _check_inputs(
     draft_tree,
 ):
     config = model.config
+    if isinstance(prompt_ids, torch.Tensor):
+        raise UserError("prompt_ids must be a list of token-id lists, not a tensor: pass tensor.tolist()")
     if not prompt_ids:
         raise UserError("no prompts given")
     for i, prompt in enumerate(prompt_ids):
+        if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+            raise UserError(
+                f"prompt {i} is {type(prompt).__name__}, not a list of token ids: prompt_ids is a batch, "
+                "one list per prompt (encode text with the tokenizer first)"
+            )
+        if not all(isinstance(t, numbers.Integral) for t in prompt):
+            raise UserError(f"prompt {i} holds something other than integer token ids")
         if len(prompt) == 0:
             raise UserError(f"prompt {i} is empty: give at least one token")
         if min(prompt) < 0 or max(prompt) >= config.vocab_size:
@@ -122,8 +134,8 @@ def _check_inputs(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} "
             f"exceeds the model's context of {config.max_seq_len} tokens"
         )
-    if params.temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {params.temperature}")
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        raise UserError(f"temperature must be a finite number >= 0, got {params.temperature}")
     if not 0 < params.top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {params.top_p}")
     if params.top_k < 0:
@@ -134,6 +146,10 @@ def _check_inputs(
         )
     if speculative and draft_depth(config) < 2:
         raise UserError(SPECULATIVE_HINT)
+    if isinstance(stop_strings, str):
+        raise UserError("stop_strings must be a list of strings, not one string")
+    if stop_strings and not all(stop_strings):
+        raise UserError("a stop string is empty: every stop string needs at least one character")
     if stop_strings and tokenizer is None:
         raise UserError("stop strings need a tokenizer to decode the generated tokens")
     if draft_tree is not None:
@@ -143,6 +159,11 @@ def _check_inputs(
 def _check_tree(config, tree: DraftTree, speculative) -> None:
     if speculative is False:
         raise UserError("a draft tree is a way of speculating: drop --no-speculative or the tree")
+    if max(tree.widths()) > config.vocab_size:
+        raise UserError(
+            f"the draft tree tries {max(tree.widths())} drafts at one depth but the vocabulary has only "
+            f"{config.vocab_size} tokens"
+        )
     if config.head_style == "sequential":
         raise UserError(
             "draft trees need parallel heads (transformer or linear); sequential heads draft in a chain"
@@ -201,13 +222,16 @@ def _compiled_step(device_type: str):
     updated in place inside it. Shapes are static within a call (batch, block, cache length).
     """
     mode = "reduce-overhead" if device_type == "cuda" else None
+    dynamo_config = torch._dynamo.config
+    # Named cache_size_limit before torch 2.7.
+    limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
 
     def compiled(step):
         compiled_step = torch.compile(step, dynamic=False, fullgraph=True, mode=mode)
 
         def run(*args):
             # One graph per (batch, block, cache length): more than dynamo's default of 8 per function.
-            with torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT):
+            with dynamo_config.patch({limit_name: COMPILE_RECOMPILE_LIMIT}):
                 return compiled_step(*args)
 
         return run
@@ -522,12 +546,6 @@ def _read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
     return prompts
 
 
-def _pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def generate_cli(
     checkpoint: str,
     prompt: str | None = None,
@@ -568,7 +586,8 @@ def generate_cli(
         stats: print tokens per forward, acceptance per head and speed to stderr.
         stats_json: write the stats as JSON to this file.
         device: cpu, cuda, cuda:N or auto.
-        stop: stop strings; a continuation ends after the first one it produces.
+        stop: stop strings, each taken whole (commas included); a continuation ends after the first
+            one it produces.
         compare_plain: also decode without drafting; report the speedup and whether the outputs match.
         draft_tree: verify a tree of drafts per step, given as widths per depth: 4,2,1
             tries the top 4 drafts of the +2 head, after each the top 2 of the +3 head, then the top +4.
@@ -581,7 +600,7 @@ def generate_cli(
     tree = DraftTree.parse(draft_tree) if draft_tree is not None else None
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    model, tokenizer = load_checkpoint(checkpoint, device=_pick_device(device))
+    model, tokenizer = load_checkpoint(checkpoint, device=resolve_device(device))
     if tokenizer is None:
         raise UserError(f"checkpoint {checkpoint} has no tokenizer, so text prompts cannot be encoded")
     model.eval()

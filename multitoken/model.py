@@ -93,15 +93,32 @@ class Attention(nn.Module):
         k_BKTE = apply_rope(k_BKTE, rope.cos_BTE, rope.sin_BTE)
         if rope.input_pos_BT is not None and self.kv_cache is not None:
             k_BKTE, v_BKTE = self.kv_cache.update(rope.input_pos_BT, k_BKTE, v_BKTE)
-        y_BHTE = F.scaled_dot_product_attention(
-            q_BHTE,
-            k_BKTE,
-            v_BKTE,
-            attn_mask=rope.mask_B1TS,
-            is_causal=rope.mask_B1TS is None,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        # CUDA's fused kernels take either a mask or grouped KV heads, not both (then SDPA falls back to
+        # the math kernel, which materialises the scores): with a mask there, expand the KV heads first.
+        expand_kv = rope.mask_B1TS is not None and q_BHTE.device.type == "cuda"
+        y_BHTE = attend(q_BHTE, k_BKTE, v_BKTE, rope.mask_B1TS, expand_kv)
         return self.wo(y_BHTE.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(
+    q_BHTE: Tensor, k_BKSE: Tensor, v_BKSE: Tensor, mask_B1TS: Tensor | None, expand_kv: bool
+) -> Tensor:
+    """Causal attention (or under `mask_B1TS`), with H query heads sharing K key/value heads.
+
+    `expand_kv` repeats each KV head for its query heads instead of asking SDPA for grouped attention.
+    """
+    n_rep = q_BHTE.shape[1] // k_BKSE.shape[1]
+    if expand_kv and n_rep > 1:
+        k_BKSE = k_BKSE.repeat_interleave(n_rep, dim=1)
+        v_BKSE = v_BKSE.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(
+        q_BHTE,
+        k_BKSE,
+        v_BKSE,
+        attn_mask=mask_B1TS,
+        is_causal=mask_B1TS is None,
+        enable_gqa=k_BKSE.shape[1] != q_BHTE.shape[1],
+    )
 
 
 class SwiGLU(nn.Module):

@@ -107,6 +107,8 @@ def test_truncated_shard(tmp_path, capsys):
         (["--no-such-field", "1"], "unrecognized arguments: --no-such-field"),
         (["--head-style", "tree"], "invalid choice: 'tree'"),
         (["--batch-size", "three"], "invalid int value"),
+        (["--device", "gpu"], "unknown device 'gpu'"),
+        (["--device", "cuda:99"], "device 'cuda:99' is not available here"),
     ],
 )
 def test_bad_model_and_config_fields(dataset, tmp_path, capsys, flags, message):
@@ -162,7 +164,11 @@ def test_checkpoint_whose_config_does_not_match(trained_run, tmp_path, capsys):
     [
         (["--prompt", ""], "empty"),
         (["--prompt", "x" * 300], "exceeds the model's context of 256 tokens"),
-        (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+        (["--prompt", "x", "--temperature", "nan"], "temperature must be a finite number >= 0"),
+        (["--prompt", "x", "--device", "gpu"], "unknown device 'gpu'"),
+        (["--prompt", "x", "--device", "cuda:99"], "device 'cuda:99' is not available here"),
+        (["--prompt", "x", "--draft-tree", "300"], "the vocabulary has only"),
         (["--prompt", "x", "--top-p", "1.5"], "top_p"),
         (["--prompt", "x", "--top-k", "-2"], "top_k"),
     ],
@@ -197,3 +203,21 @@ def test_help_lists_fields_with_their_docstrings(capsys):
 
 def test_make_corpus_helper_is_what_the_tests_think(tmp_path):
     assert len(list(make_corpus(tmp_path / "c", 3).iterdir())) == 3
+
+
+def test_stop_strings_are_taken_whole(monkeypatch):
+    """--stop is free text: a comma inside one is content, and repeated flags add strings."""
+    import functools
+    import importlib
+
+    generate_module = importlib.import_module("multitoken.generate")  # the package exports generate()
+    seen = {}
+
+    @functools.wraps(generate_module.generate_cli)  # the same flags, without decoding anything
+    def record(**kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(generate_module, "generate_cli", record)
+    argv = ["generate", "--checkpoint", "c", "--prompt", "x", "--stop", "a, b", ",", "--stop", "\n\n"]
+    assert main(argv) == 0
+    assert seen["stop"] == ["a, b", ",", "\n\n"]

@@ -178,6 +178,12 @@ def test_bad_tree_use_is_one_line(model_kwargs, kwargs, message):
     assert "\n" not in str(info.value)
 
 
+def test_tree_wider_than_vocabulary_is_one_line():
+    model = tiny_model(0, n_future=2)  # vocabulary of 97
+    with pytest.raises(UserError, match="tries 200 drafts at one depth but the vocabulary has only 97"):
+        generate(model, [[1, 2]], 4, draft_tree=DraftTree.from_widths([200]))
+
+
 def test_generate_cli_draft_tree(monkeypatch, capsys, tmp_path):
     model = agreeing_model("linear", 3).float()
     serve_as_checkpoint(monkeypatch, model)

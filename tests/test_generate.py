@@ -152,6 +152,13 @@ def test_stop_strings_and_streaming():
             "this model has one head; use --no-speculative or train with --n-future > 1",
         ),
         (dict(stop_strings=["x"]), "tokenizer"),
+        (dict(stop_strings=[""]), "stop string is empty"),
+        (dict(stop_strings="ab"), "not one string"),
+        (dict(temperature=float("nan")), "finite"),
+        (dict(prompt_ids=[1, 2]), "prompt 0 is int, not a list of token ids"),
+        (dict(prompt_ids=["def"]), "prompt 0 is str"),
+        (dict(prompt_ids=torch.ones(1, 2, dtype=torch.long)), "not a tensor"),
+        (dict(prompt_ids=[[1, 2.0]]), "other than integer token ids"),
     ],
 )
 def test_bad_input_raises_one_line_user_error(kwargs, message):

@@ -57,3 +57,16 @@ def test_cuda_graph_decoding_equals_eager():
         eager = generate(model, PROMPTS, 24, **kwargs)
         for _ in range(2):  # the second call replays recorded graphs
             assert generate(model, PROMPTS, 24, compile=True, **kwargs).tokens == eager.tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_gqa_attention_runs_on_fused_kernels(dtype):
+    """Cached calls carry a mask; with grouped KV heads they must still avoid SDPA's math fallback."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_model(4, n_future=3, head_style="linear").to("cuda", dtype).eval()
+    assert model.config.n_kv_heads < model.config.n_heads
+    expected = generate(model, PROMPTS, 12, draft_tree=DraftTree.from_widths([2, 2])).tokens
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        assert generate(model, PROMPTS, 12, draft_tree=DraftTree.from_widths([2, 2])).tokens == expected
+        assert generate(model, PROMPTS, 12, speculative=False).tokens == generate(model, PROMPTS, 12).tokens

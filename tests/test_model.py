@@ -68,3 +68,20 @@ def test_shift_left():
 def test_tied_embeddings_share_storage():
     model = tiny_model(tie_embeddings=True)
     assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_expanded_kv_heads_equal_grouped_attention(masked):
+    """Repeating each KV head for its query heads (the CUDA path under a mask) changes nothing."""
+    from multitoken.model import attend
+
+    q_BHTE, k_BKSE, v_BKSE = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask_B1TS = torch.rand(2, 1, 5, 5) > 0.3 if masked else None
+    if masked:
+        mask_B1TS[..., 0] = True  # every query sees at least one key
+    grouped = attend(q_BHTE, k_BKSE, v_BKSE, mask_B1TS, expand_kv=False)
+    expanded = attend(q_BHTE, k_BKSE, v_BKSE, mask_B1TS, expand_kv=True)
+    torch.testing.assert_close(expanded, grouped, atol=1e-6, rtol=1e-6)
+    # Query heads 0-2 share KV head 0: against attention with that head alone.
+    alone = attend(q_BHTE[:, :3], k_BKSE[:, :1], v_BKSE[:, :1], mask_B1TS, expand_kv=False)
+    torch.testing.assert_close(grouped[:, :3], alone, atol=1e-6, rtol=1e-6)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from multitoken.devices import resolve_device
 from multitoken.errors import UserError
 
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -56,7 +57,7 @@ def eval_loss(
     checkpoint = _required(checkpoint, "--checkpoint")
     data = _required(data, "--data")
     dataset = TokenDataset(data, split)
-    model, tokenizer = load_checkpoint(checkpoint, device=_pick_device(device))
+    model, tokenizer = load_checkpoint(checkpoint, device=resolve_device(device))
     check_tokenizer_matches(model, dataset, tokenizer, f"checkpoint {checkpoint}")
     if tokenizer is None:
         tokenizer = _dataset_tokenizer(dataset)
@@ -220,7 +221,7 @@ def _code_benchmark(
     )
     choose_ks(k, n_samples)  # reject impossible ks before loading anything
     tasks = list(load_tasks(benchmark, data).values())[:limit]
-    model, tokenizer = load_checkpoint(checkpoint, device=_pick_device(device))
+    model, tokenizer = load_checkpoint(checkpoint, device=resolve_device(device))
     if tokenizer is None:
         raise UserError(f"checkpoint {checkpoint} has no tokenizer; save one with the model to generate text")
     report = run_codegen(
@@ -289,7 +290,7 @@ def eval_lm_eval(
     if unknown:
         raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)}")
     lm = MultiTokenLMEval(
-        checkpoint=checkpoint, device=_pick_device(device), batch_size=batch_size, max_length=max_length
+        checkpoint=checkpoint, device=resolve_device(device), batch_size=batch_size, max_length=max_length
     )
     results = lm_eval.simple_evaluate(
         model=lm,
@@ -314,14 +315,6 @@ def _required(value: str | None, flag: str) -> str:
     if value is None:
         raise UserError(f"{flag} is required")
     return value
-
-
-def _pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _dataset_tokenizer(dataset):

@@ -28,6 +28,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from multitoken.devices import resolve_device
 from multitoken.errors import UserError
 from multitoken.generate import generate
 
@@ -73,7 +74,7 @@ class MultiTokenLMEval(TemplateLM):
         ("auto" means the default); `max_gen_toks` is the generation budget when a task sets none.
         """
         super().__init__()
-        device = _pick_device(device)
+        device = resolve_device(device)
         if model is None:
             if checkpoint is None:
                 raise UserError("the multitoken lm-eval model needs checkpoint=DIR")
@@ -271,12 +272,6 @@ def _parse_batch_size(batch_size: int | str | None) -> int:
     if value < 1:
         raise UserError(f"batch_size must be at least 1, got {value}")
     return value
-
-
-def _pick_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def main() -> None:

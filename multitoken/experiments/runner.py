@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from multitoken import checkpoint as ckpt_io
+from multitoken.devices import resolve_device
 from multitoken.errors import UserError
 from multitoken.report import format_table
 from multitoken.train import RESUME_MUTABLE, TRAIN_CONFIG, TrainConfig, train
@@ -110,17 +111,6 @@ def pick_scale(scale: str, presets: Mapping[str, T]) -> T:
     if scale not in presets:
         raise UserError(f"unknown scale {scale!r}; choose one of {', '.join(presets)}")
     return presets[scale]
-
-
-def resolve_device(device: str) -> str:
-    """cpu, cuda or cuda:N; auto means cuda when available."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UserError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
-    return device
 
 
 def run_steps(run_dir: str | Path) -> int:
