@@ -78,7 +78,7 @@ def save_checkpoint(
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Remove all but the newest `keep` checkpoints; never the one `latest` names."""
     latest = _read_latest(root)
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    steps = _step_dirs(root)
     for old in steps[:-keep]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
@@ -165,11 +165,22 @@ def plain_module(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _read_latest(root: Path) -> str | None:
+    """The checkpoint `latest` names; if it names none (a crash between two renames of a re-save),
+    the newest complete step directory."""
     try:
         name = (root / LATEST).read_text().strip()
     except OSError:
         return None
-    return name if name and (root / name).is_dir() else None
+    if name and (root / name).is_dir():
+        return name
+    complete = [p for p in _step_dirs(root) if (p / WEIGHTS).is_file()]
+    return complete[-1].name if complete else None
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Checkpoint directories, oldest step first (by number: step_1000000 comes after step_999000)."""
+    dirs = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -147,7 +149,30 @@ def dataclass_from_dict(cls: type, values: dict[str, Any], what: str = "config")
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise UserError(f"unknown {what} field(s): {', '.join(unknown)}")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _as_field_type(name, value, hints[name], what) for name, value in values.items()})
+
+
+def _as_field_type(name: str, value: Any, annotation: Any, what: str) -> Any:
+    """A YAML or JSON value as its int or float field wants it (YAML reads `1e-3` as a string)."""
+    tp = annotation
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
+            return None
+        tp = options[0] if len(options) == 1 else tp
+    if tp not in (int, float):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value) if tp is float else int(value)
+        except ValueError:
+            raise UserError(f"{what} field {name} must be {tp.__name__}, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{what} field {name} must be {tp.__name__}, got {value!r}")
+    if tp is int and not float(value).is_integer():
+        raise UserError(f"{what} field {name} must be int, got {value!r}")
+    return tp(value)
 
 
 # Shapes only; vocab_size comes from the data. `debug` runs in seconds on a CPU, `tiny`/`small` in minutes.

@@ -102,6 +102,17 @@ class TrainConfig:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
+        non_negative = ("micro_batch_size", "warmup_steps", "weight_decay", "grad_clip", "seed")
+        non_negative += ("val_every", "save_every", "keep")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("min_lr_ratio",):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(ModelConfig)})
@@ -114,6 +125,11 @@ class TrainConfig:
         config = preset_config(self.preset, **overrides)
         if self.seq_len > config.max_seq_len:
             config = dataclasses.replace(config, max_seq_len=self.seq_len)
+        if max(config.head_offsets) >= self.seq_len:
+            raise UserError(
+                f"head offset {max(config.head_offsets)} reaches past every window of seq_len={self.seq_len}: "
+                "that head would never see a target"
+            )
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,13 +195,14 @@ class Trainer:
         self.val_data = TokenDataset(cfg.data, "val")
         self.tokenizer = self.train_data.tokenizer()
         self.model_config = cfg.model_config(self.train_data.vocab_size)
-        if cfg.seq_len > self.train_data.n_tokens - 1:
-            raise UserError(
-                f"training data has {self.train_data.n_tokens} tokens, too few for seq_len={cfg.seq_len}"
-            )
+        for split, data in (("training", self.train_data), ("validation", self.val_data)):
+            if cfg.seq_len > data.n_tokens - 1:
+                raise UserError(f"{split} data has {data.n_tokens} tokens, too few for seq_len={cfg.seq_len}")
         self.rows_per_rank, self.micro_rows = self._split_batch()
+        self._untrained_heads_N = torch.tensor([w == 0 for w in self.model_config.loss_weights])
         self.autocast_dtype = self._autocast_dtype()
         self.step = 0
+        self.saved_step = -1  # the step of this run's newest checkpoint
         self._stop_requested = False
 
         torch.manual_seed(cfg.seed)
@@ -232,14 +249,25 @@ class Trainer:
         latest = ckpt_io.find_latest(self.run_dir)
         if self.cfg.resume:
             if latest is None:
-                raise UserError(f"nothing to resume in {self.run_dir}: no checkpoint found")
+                hint = " (the run stopped before its first save: start it again without --resume)"
+                raise UserError(
+                    f"nothing to resume in {self.run_dir}: no checkpoint found" + hint * saved_path.exists()
+                )
             self._check_same_run(saved_path)
             self._load_state(latest)
+            # Keep the run's config as resumed (e.g. a new max_steps), so a later --resume continues it.
+            self.dist.barrier()
+            if self.dist.is_main:
+                ckpt_io.write_json(saved_path, {**self.cfg.to_dict(), "resume": False})
+            self.dist.barrier()
             return
-        if saved_path.exists() or latest is not None:
+        if latest is not None:
             raise UserError(
                 f"{self.run_dir} already holds a run; pass --resume to continue it, or choose another --out"
             )
+        if saved_path.exists():
+            # A run that stopped before its first checkpoint: the same run may start over, another may not.
+            self._check_same_run(saved_path)
         self.dist.barrier()  # every rank has checked before rank 0 writes
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +292,7 @@ class Trainer:
             ckpt_io.load_weights(self.model, latest)
             state = ckpt_io.load_trainer_state(latest)
             self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         torch.set_rng_state(state["torch_rng"])
         if self.dist.is_main:
             print(f"resuming {self.run_dir} from step {self.step}")
@@ -309,7 +337,9 @@ class Trainer:
                     targets_BTN=targets_BTN[start : start + self.micro_rows].to(self.device),
                 )
             micro_counts_N = row_counts_BN[start : start + self.micro_rows].sum(dim=0)
-            loss_sums_N += torch.tensor(losses, dtype=torch.float64).nan_to_num() * micro_counts_N
+            losses_N = torch.tensor(losses, dtype=torch.float64)
+            losses_N[self._untrained_heads_N] = 0.0  # reported as NaN; a diverged head stays NaN
+            loss_sums_N += losses_N * micro_counts_N
         if not self.sharded:  # FSDP has reduce-scattered them during backward
             dist.all_reduce_grads(model)
         loss_sums_N = dist.all_reduce_sum(loss_sums_N)
@@ -399,6 +429,7 @@ class Trainer:
                 self.run_dir, self.step, model, self.tokenizer, state, keep=self.cfg.keep
             )
         self.dist.barrier()
+        self.saved_step = self.step
         return path
 
     def _request_stop(self, signum, frame) -> None:
@@ -430,7 +461,8 @@ class Trainer:
                 if self.dist.any_flag(self._stop_requested):
                     logger.write(f"interrupted at step {self.step}: saving a checkpoint")
                     break
-            self.save()
+            if self.step != self.saved_step:  # an interrupt right after a periodic save has nothing new
+                self.save()
         finally:
             logger.close()
             for sig, handler in previous.items():

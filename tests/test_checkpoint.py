@@ -65,3 +65,23 @@ def test_mismatched_config_and_missing_or_incomplete_checkpoints_are_user_errors
     (ckpt_io.find_latest(tmp_path) / ckpt_io.WEIGHTS).unlink()
     with pytest.raises(UserError, match=r"incomplete: missing model\.safetensors"):
         ckpt_io.load_checkpoint(tmp_path)
+
+
+def test_pruning_orders_steps_by_number_not_by_name(tmp_path):
+    model = tiny_model()
+    for step in (999_000, 999_500, 1_000_000, 1_000_500):
+        ckpt_io.save_checkpoint(tmp_path, step, model, keep=2)
+    remaining = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert remaining == ["step_1000000", "step_1000500"]
+
+
+def test_a_dangling_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    """A crash between the two renames of a re-save leaves `latest` naming a directory that is gone."""
+    model = tiny_model()
+    for step in (1, 2, 3):
+        ckpt_io.save_checkpoint(tmp_path, step, model)
+    root = tmp_path / "checkpoints"
+    (root / "step_000003").rename(root / ".old-step_000003-1")
+    (root / "step_000002" / ckpt_io.WEIGHTS).unlink()  # an incomplete one is skipped too
+    assert ckpt_io.find_latest(tmp_path).name == "step_000001"
+    assert ckpt_io.resolve_checkpoint(tmp_path).name == "step_000001"

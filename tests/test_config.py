@@ -61,3 +61,22 @@ def test_json_round_trip(tmp_path):
     config = ModelConfig(vocab_size=97, dim=64, n_layers=6, n_heads=4, n_future=2, head_offsets=[1, 4])
     config.save(tmp_path / "config.json")
     assert ModelConfig.load(tmp_path / "config.json") == config
+
+
+def test_yaml_strings_become_numbers_for_numeric_fields():
+    """PyYAML reads `1e-3` (no dot) as a string; numeric fields take it as the number it spells."""
+    from multitoken.config import dataclass_from_dict
+    from multitoken.train import TrainConfig
+
+    cfg = dataclass_from_dict(TrainConfig, {"lr": "1e-3", "batch_size": "16", "micro_batch_size": 4.0})
+    assert cfg.lr == 0.001 and cfg.batch_size == 16 and cfg.micro_batch_size == 4
+    assert isinstance(cfg.micro_batch_size, int)
+    assert dataclass_from_dict(TrainConfig, {"lr": 1}).lr == 1.0
+    for values, message in [
+        ({"lr": "fast"}, "config field lr must be float, got 'fast'"),
+        ({"batch_size": 2.5}, "config field batch_size must be int, got 2.5"),
+        ({"batch_size": True}, "config field batch_size must be int, got True"),
+        ({"lr": [1]}, "config field lr must be float"),
+    ]:
+        with pytest.raises(UserError, match=message.replace("[", r"\[")):
+            dataclass_from_dict(TrainConfig, values)

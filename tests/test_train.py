@@ -136,3 +136,88 @@ def test_two_gloo_processes_match_one_process(dataset, tmp_path):
     assert len(one) == len(two) == steps
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
+def test_a_validation_split_too_short_for_the_windows_fails_before_training(dataset, tmp_path):
+    from multitoken.data.loader import TokenDataset
+    from multitoken.errors import UserError
+
+    val_tokens = TokenDataset(str(dataset), "val").n_tokens
+    cfg = debug_config(dataset, tmp_path / "run", seq_len=val_tokens)
+    with pytest.raises(UserError, match=f"validation data has {val_tokens} tokens, too few"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_never_saved_can_start_over_but_not_as_another_run(dataset, tmp_path, monkeypatch):
+    from multitoken.errors import UserError
+
+    cfg = debug_config(dataset, tmp_path / "run", max_steps=4, save_every=0)
+    monkeypatch.setattr(Trainer, "train_step", lambda self: 1 / 0)  # crashes before any checkpoint
+    with pytest.raises(ZeroDivisionError):
+        train(cfg)
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="stopped before its first save: start it again without --resume"):
+        Trainer(debug_config(dataset, tmp_path / "run", max_steps=4, resume=True))
+    with pytest.raises(UserError, match=r"holds a different run \(differs in lr\)"):
+        Trainer(debug_config(dataset, tmp_path / "run", max_steps=4, lr=1e-2))
+    train(cfg)
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_a_second_resume_keeps_the_first_resumes_max_steps(dataset, tmp_path, monkeypatch):
+    from multitoken import checkpoint as ckpt_io
+    from multitoken.train import resolve_cli_config
+
+    out = tmp_path / "run"
+    train(debug_config(dataset, out, max_steps=2))
+    train(resolve_cli_config({"out": str(out), "resume": True, "max_steps": 4}))
+    again = resolve_cli_config({"out": str(out), "resume": True})
+    assert again.max_steps == 4 and again.resume
+    saves = []
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", lambda *a, **k: saves.append(a))
+    train(again)  # at max_steps already: nothing to train, and no second save of step 4
+    assert saves == []
+
+
+def test_a_diverged_loss_is_logged_as_nan_not_zero(dataset, tmp_path):
+    import math
+
+    import torch
+
+    trainer = Trainer(
+        debug_config(dataset, tmp_path / "run", model={"n_future": 2, "loss_weights": [1.0, 0.0]})
+    )
+    assert math.isfinite(trainer.train_step()["loss"])  # the weight-0 head's NaN placeholder is dropped
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.fill_(float("nan"))
+    metrics = trainer.train_step()
+    assert math.isnan(metrics["loss"]) and math.isnan(metrics["loss_head1"])
+    assert "loss_head2" not in metrics
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(micro_batch_size=-4), "micro_batch_size must be >= 0"),
+        (dict(grad_clip=-1.0), "grad_clip must be >= 0"),
+        (dict(seed=-1), "seed must be >= 0"),
+        (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
+        (dict(min_lr_ratio=-1.0), r"min_lr_ratio must be in \[0, 1\]"),
+        (dict(beta2=1.5), r"beta2 must be in \[0, 1\)"),
+    ],
+)
+def test_out_of_range_settings_are_user_errors(dataset, tmp_path, overrides, message):
+    from multitoken.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        debug_config(dataset, tmp_path / "run", **overrides)
+
+
+def test_a_head_offset_past_every_window_is_a_user_error(dataset, tmp_path):
+    from multitoken.errors import UserError
+
+    cfg = debug_config(dataset, tmp_path / "run", seq_len=8, model={"n_future": 2, "head_offsets": [1, 16]})
+    with pytest.raises(UserError, match="head offset 16 reaches past every window of seq_len=8"):
+        Trainer(cfg)

@@ -69,14 +69,27 @@ def source_fingerprint(source: str) -> str:
 
 
 def _nonempty(source: str, docs: Iterator[str]) -> Iterator[str]:
-    """Pass documents through, skipping blank ones; raise UserError if none are left."""
+    """Pass documents through as valid Unicode, skipping blank ones; raise UserError if none are left."""
     count = 0
-    for doc in docs:
+    for n, doc in enumerate(docs, start=1):
+        if doc is None:
+            continue
+        if not isinstance(doc, str):
+            raise UserError(f"corpus {source}: document {n} is {type(doc).__name__}, not text")
         if doc.strip():
             count += 1
-            yield doc
+            yield _without_lone_surrogates(doc)
     if count == 0:
         raise UserError(f"corpus {source} is empty")
+
+
+def _without_lone_surrogates(text: str) -> str:
+    """`text` with unpaired UTF-16 surrogates (JSON allows an escaped half emoji) as U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _hash_files(h, root: Path, files: list[Path]) -> None:

@@ -73,6 +73,15 @@ def test_jsonl_field(tmp_path):
         list(iter_documents(f"{path}:nope"))
 
 
+def test_lone_surrogates_become_replacement_characters(tmp_path):
+    """JSON may escape half an emoji; the documents must still encode as UTF-8 for the tokenizers."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "bad \\ud83d half, good \\ud83d\\ude00 whole"}\n')
+    (doc,) = iter_documents(str(path))
+    assert doc == "bad \ufffd half, good \U0001f600 whole"
+    doc.encode("utf-8")
+
+
 def test_missing_and_empty(tmp_path):
     with pytest.raises(UserError, match="is missing"):
         iter_documents(str(tmp_path / "nope"))
