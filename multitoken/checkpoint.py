@@ -48,10 +48,11 @@ def save_checkpoint(
     """Write checkpoint `step` under run_dir/checkpoints atomically, point `latest` at it, prune to `keep`."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
+    # One process writes a run's checkpoints: what a crashed save left half-written is garbage now.
+    for leftover in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     model.config.save(tmp / CONFIG)
     save_safetensors(plain_module(model), str(tmp / WEIGHTS))

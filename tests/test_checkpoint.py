@@ -45,6 +45,10 @@ def test_a_failed_save_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert ckpt_io.find_latest(tmp_path) == before
     loaded = ckpt_io.load_model(tmp_path)
     torch.testing.assert_close(loaded.output.weight, model.output.weight)
+    assert list((tmp_path / "checkpoints").glob(".tmp-*"))  # the half-written save
+    monkeypatch.undo()
+    ckpt_io.save_checkpoint(tmp_path, 3, model)
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # cleared by the next save
 
 
 def test_keep_prunes_old_checkpoints(tmp_path):
