@@ -107,9 +107,8 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("min_lr_ratio",):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -249,9 +248,10 @@ class Trainer:
         latest = ckpt_io.find_latest(self.run_dir)
         if self.cfg.resume:
             if latest is None:
+                never_saved = saved_path.exists()  # it stopped before its first checkpoint
                 hint = " (the run stopped before its first save: start it again without --resume)"
                 raise UserError(
-                    f"nothing to resume in {self.run_dir}: no checkpoint found" + hint * saved_path.exists()
+                    f"nothing to resume in {self.run_dir}: no checkpoint found{hint if never_saved else ''}"
                 )
             self._check_same_run(saved_path)
             self._load_state(latest)
