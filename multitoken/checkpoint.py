@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file as read_safetensors
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
@@ -138,6 +139,23 @@ def load_weights(model: MultiTokenLM, ckpt: str | Path) -> None:
         raise UserError(
             f"checkpoint {ckpt} weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+
+
+TIED_NAMES = ("tok_embeddings.weight", "output.weight")
+
+
+def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights by parameter name, on CPU, without building a model.
+
+    The file holds tied embeddings once; both names are returned, sharing one tensor, as a tied
+    model's `state_dict()` has them.
+    """
+    ckpt = Path(ckpt)
+    state = read_safetensors(str(ckpt / WEIGHTS))
+    if ModelConfig.load(ckpt / CONFIG).tie_embeddings:
+        weight = next(state[name] for name in TIED_NAMES if name in state)
+        state.update(dict.fromkeys(TIED_NAMES, weight))
+    return state
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):

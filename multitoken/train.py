@@ -304,7 +304,7 @@ class Trainer:
         ckpt_io.check_config(self.model_config, latest)  # on every rank, so a mismatch stops them all
         main = self.dist.is_main
         state = ckpt_io.load_trainer_state(latest, mmap=not main)  # other ranks read only step and RNG
-        model_state = ckpt_io.load_model(latest).state_dict() if main else {}
+        model_state = ckpt_io.read_weights(latest) if main else {}
         fsdp.load_full_state(self.model, self.optimizer, model_state, state["optimizer"] if main else {})
         return state
 

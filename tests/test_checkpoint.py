@@ -89,3 +89,16 @@ def test_a_dangling_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path
     (root / "step_000002" / ckpt_io.WEIGHTS).unlink()  # an incomplete one is skipped too
     assert ckpt_io.find_latest(tmp_path).name == "step_000001"
     assert ckpt_io.resolve_checkpoint(tmp_path).name == "step_000001"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_read_weights_is_the_state_dict_without_a_model(tmp_path, tied):
+    model = tiny_model(tie_embeddings=tied)
+    ckpt_io.save_checkpoint(tmp_path, 1, model)
+    state = ckpt_io.read_weights(ckpt_io.find_latest(tmp_path))
+    expected = model.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
+    if tied:
+        assert state["output.weight"] is state["tok_embeddings.weight"]
