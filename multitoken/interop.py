@@ -40,6 +40,10 @@ def config_from_hf(
         raise UserError(f"rope scaling {rope.get('rope_type')!r} is not supported; only plain RoPE")
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         raise UserError("Llama models with attention or MLP biases are not supported")
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise UserError(
+            f"Llama models with hidden_act {hf_config.hidden_act!r} are not supported; only silu (SwiGLU)"
+        )
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     if head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
         raise UserError("Llama models whose head_dim * num_heads != hidden_size are not supported")

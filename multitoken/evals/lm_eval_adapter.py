@@ -89,6 +89,8 @@ class MultiTokenLMEval(TemplateLM):
         self.tokenizer = tokenizer
         self._device = torch.device(device)
         context = model.config.max_seq_len
+        if max_length is not None and int(max_length) < 1:
+            raise UserError(f"max_length must be at least 1 token, got {max_length}")
         self.max_length = min(int(max_length), context) if max_length else context
         self.batch_size = _parse_batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
@@ -175,8 +177,11 @@ class MultiTokenLMEval(TemplateLM):
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, **kwargs
     ) -> list[tuple[float, bool]]:
+        # A whitespace-only context can encode to nothing (lm-eval moves trailing spaces into the
+        # continuation): the first continuation token is then scored after the prefix token.
         jobs = [
-            (list(context) + list(continuation), len(continuation)) for _, context, continuation in requests
+            ((list(context) or [self.prefix_token_id]) + list(continuation), len(continuation))
+            for _, context, continuation in requests
         ]
         results = self._score([(seq, n) for seq, n in jobs if n > 0], disable_tqdm)
         scored = iter(results)

@@ -180,3 +180,8 @@ def test_user_errors(tmp_path):
     (tmp_path / "junk.jsonl").write_text("{not json\n")
     with pytest.raises(UserError, match="not valid JSON"):
         score_samples("humaneval", tmp_path / "junk.jsonl", progress=False)
+    with pytest.raises(UserError, match="is not readable JSONL"):
+        load_humaneval(tmp_path / "junk.jsonl")
+    (tmp_path / "partial.jsonl").write_text('{"task_id": "HumanEval/0", "prompt": "def f():"}\n')
+    with pytest.raises(UserError, match="not a HumanEval record"):
+        load_humaneval(tmp_path / "partial.jsonl")

@@ -111,3 +111,9 @@ def test_eval_code_bad_input(tmp_path, run, capsys):
     _fails(["eval", "mbpp", "--checkpoint", run, "--data", missing], capsys, "MBPP data file not found")
     _fails(["eval", "humaneval", "--samples", missing], capsys, "samples file not found")
     _fails(["eval", "humaneval", "--checkpoint", str(tmp_path / "none")], capsys, "does not exist")
+    _fails(
+        ["eval", "humaneval", "--samples", missing, "--timeout-s", "0"], capsys, "timeout_s must be positive"
+    )
+    loss = ["eval", "loss", "--checkpoint", run, "--data", missing]
+    _fails([*loss, "--batch-size", "0"], capsys, "batch_size must be at least 1")
+    _fails([*loss, "--seq-len", "1"], capsys, "seq_len must be at least 2")

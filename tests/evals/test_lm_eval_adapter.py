@@ -73,6 +73,21 @@ def test_loglikelihood_equals_direct_forward(model, lm):
         assert is_greedy == expected_greedy
 
 
+def test_a_context_that_encodes_to_nothing_is_scored_after_the_prefix_token(model, lm):
+    """lm-eval moves trailing spaces into the continuation, so a context of spaces can encode to []."""
+    (result,) = lm._loglikelihood_tokens([(None, [], [104, 105])])
+    expected, _ = _direct(model, [lm.prefix_token_id, 104, 105], 2)
+    assert result[0] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("max_length", [0, -1])
+def test_max_length_below_one_is_a_user_error(model, max_length):
+    from multitoken.errors import UserError
+
+    with pytest.raises(UserError, match="max_length must be at least 1 token"):
+        MultiTokenLMEval(model=model, tokenizer=byte_tokenizer(), max_length=max_length)
+
+
 def test_is_greedy_on_token_level_requests(model, lm):
     context = byte_tokenizer().encode("def add(a, b):")
     greedy = _greedy_continuation(model, context, 6)
