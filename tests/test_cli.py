@@ -22,6 +22,8 @@ TRAIN = [
     "1",
     "--log-every",
     "1",
+    "--device",
+    "cpu",
 ]
 QUIET = ["--no-tensorboard", "--no-progress", "--val-every", "0"]
 

@@ -72,7 +72,8 @@ def sharded(dataset, tmp_path_factory):
     ]
     spec = root / "spec.json"
     spec.write_text(json.dumps(runs))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # CPU gloo runs by design, also on a GPU machine (where rank 1 would ask for a second GPU).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(
         [*launcher, str(REPO / "tests" / "fsdp_runs.py"), str(spec)], env=env, capture_output=True, text=True

@@ -42,12 +42,31 @@ def test_compiled_training_matches_eager_in_bf16(dataset, tmp_path):
     assert a == pytest.approx(b, rel=2e-2)  # bf16 kernels differ; trajectories stay together
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_speculative_and_tree_decoding_equal_plain(dtype):
+def assert_same_up_to_near_ties(tokens, plain, margin: float) -> None:
+    """`tokens` equal plain decoding's, or part from them only where plain's top two logits are within
+    `margin`: in bf16, CUDA kernels for a block of positions and for one position may differ by an ulp."""
+    for row, (ours, theirs) in enumerate(zip(tokens, plain.tokens, strict=True)):
+        if ours == theirs:
+            continue
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
+        assert first is not None, f"row {row}: same tokens, different lengths"
+        top2 = plain.logits[row][first].topk(2).values
+        assert float(top2[0] - top2[1]) <= margin, f"row {row} parts at token {first} without a near-tie"
+
+
+@pytest.mark.parametrize(("dtype", "margin"), [(torch.float32, 0.0), (torch.bfloat16, 0.02)])
+def test_cuda_speculative_and_tree_decoding_equal_plain(dtype, margin):
     model = agreeing_model("linear", 4).to("cuda", dtype)
-    plain = generate(model, PROMPTS, 19, speculative=False)
-    assert generate(model, PROMPTS, 19).tokens == plain.tokens
-    assert generate(model, PROMPTS, 19, draft_tree=DraftTree.from_widths([3, 2, 2])).tokens == plain.tokens
+    plain = generate(model, PROMPTS, 19, speculative=False, return_logits=True)
+    if margin == 0.0:
+        assert generate(model, PROMPTS, 19).tokens == plain.tokens
+        assert (
+            generate(model, PROMPTS, 19, draft_tree=DraftTree.from_widths([3, 2, 2])).tokens == plain.tokens
+        )
+        return
+    assert_same_up_to_near_ties(generate(model, PROMPTS, 19).tokens, plain, margin)
+    tree = generate(model, PROMPTS, 19, draft_tree=DraftTree.from_widths([3, 2, 2]))
+    assert_same_up_to_near_ties(tree.tokens, plain, margin)
 
 
 def test_cuda_graph_decoding_equals_eager():
@@ -59,14 +78,20 @@ def test_cuda_graph_decoding_equals_eager():
             assert generate(model, PROMPTS, 24, compile=True, **kwargs).tokens == eager.tokens
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cached_gqa_attention_runs_on_fused_kernels(dtype):
-    """Cached calls carry a mask; with grouped KV heads they must still avoid SDPA's math fallback."""
+@pytest.mark.parametrize(("dtype", "margin"), [(torch.float32, 1e-3), (torch.bfloat16, 0.02)])
+def test_cached_gqa_attention_runs_on_fused_kernels(dtype, margin):
+    """Cached calls carry a mask; with grouped KV heads they must still run without SDPA's math fallback
+    (restricted to the fused kernels, SDPA raises when none applies)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model = tiny_model(4, n_future=3, head_style="linear").to("cuda", dtype).eval()
     assert model.config.n_kv_heads < model.config.n_heads
-    expected = generate(model, PROMPTS, 12, draft_tree=DraftTree.from_widths([2, 2])).tokens
+    plain = generate(model, PROMPTS, 12, speculative=False, return_logits=True)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-        assert generate(model, PROMPTS, 12, draft_tree=DraftTree.from_widths([2, 2])).tokens == expected
-        assert generate(model, PROMPTS, 12, speculative=False).tokens == generate(model, PROMPTS, 12).tokens
+        fused = [
+            generate(model, PROMPTS, 12, speculative=False),
+            generate(model, PROMPTS, 12),
+            generate(model, PROMPTS, 12, draft_tree=DraftTree.from_widths([2, 2])),
+        ]
+    for result in fused:  # other kernels than the unrestricted run's: equal up to near-ties
+        assert_same_up_to_near_ties(result.tokens, plain, margin)

@@ -116,7 +116,8 @@ def test_two_gloo_processes_match_one_process(dataset, tmp_path):
         "--no-tensorboard",
         "--no-progress",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # CPU gloo runs by design, also on a GPU machine (where rank 1 would ask for a second GPU).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     single = subprocess.run(
         [sys.executable, "-m", "multitoken", *args, "--out", str(tmp_path / "one")],
         env=env,
