@@ -14,13 +14,12 @@ import inspect
 import itertools
 import sys
 import textwrap
-import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from multitoken.config import dataclass_from_dict
+from multitoken.config import dataclass_from_dict, strip_optional
 from multitoken.errors import UserError
 
 
@@ -69,14 +68,6 @@ def param_docs(fn: Callable) -> dict[str, str]:
     return docs
 
 
-def _strip_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
 def _scalar(tp: Any) -> Callable[[str], Any]:
     if tp is bool:
         return _parse_bool
@@ -103,7 +94,7 @@ def add_argument(
 ) -> None:
     """One flag for a typed field: bools get --x/--no-x, lists take several values or a comma list."""
     flag = "--" + name.replace("_", "-")
-    tp = _strip_optional(annotation)
+    tp = strip_optional(annotation)
     origin = typing.get_origin(tp)
     kwargs: dict[str, Any] = {
         "dest": name,
@@ -178,7 +169,7 @@ def _describe(parser: argparse.ArgumentParser, command: Command) -> None:
             required = param.default is inspect.Parameter.empty
             if name in command.positional:
                 parser.add_argument(
-                    name, type=_scalar(_strip_optional(hints.get(name, str))), help=docs.get(name)
+                    name, type=_scalar(strip_optional(hints.get(name, str))), help=docs.get(name)
                 )
                 continue
             suffix = "(required)" if required else f"(default: {param.default})"

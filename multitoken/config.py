@@ -153,14 +153,20 @@ def dataclass_from_dict(cls: type, values: dict[str, Any], what: str = "config")
     return cls(**{name: _as_field_type(name, value, hints[name], what) for name, value in values.items()})
 
 
+def strip_optional(tp: Any) -> Any:
+    """`X` for `X | None` (or Optional[X]); any other type as it is."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
 def _as_field_type(name: str, value: Any, annotation: Any, what: str) -> Any:
     """A YAML or JSON value as its int or float field wants it (YAML reads `1e-3` as a string)."""
-    tp = annotation
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(options) < len(typing.get_args(tp)):
-            return None
-        tp = options[0] if len(options) == 1 else tp
+    if value is None and type(None) in typing.get_args(annotation):
+        return None
+    tp = strip_optional(annotation)
     if tp not in (int, float):
         return value
     if isinstance(value, str):
