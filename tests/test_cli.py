@@ -130,6 +130,16 @@ def test_unknown_field_in_yaml(dataset, tmp_path, capsys):
     )
 
 
+def test_yaml_value_of_the_wrong_type(dataset, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("preset: debug\nlr: fast\n")
+    fails_with(
+        capsys,
+        ["train", "--config", str(config), "--data", str(dataset)],
+        "config field lr must be float, got 'fast'",
+    )
+
+
 def test_resume_with_nothing_to_resume(dataset, tmp_path, capsys):
     fails_with(
         capsys,
