@@ -155,6 +155,8 @@ class Command:
     """Turns the explicit values into the config object; default: config_cls(**values)."""
     positional: tuple[str, ...] = ()
     """Parameters taken as positional arguments rather than --flags (e.g. the CSV of `lab scaling fit`)."""
+    aliases: tuple[tuple[str, str, Any], ...] = ()
+    """(flag, parameter, value): a flag that sets a parameter to a value, e.g. --no-speculative."""
 
     @property
     def help(self) -> str:
@@ -162,6 +164,15 @@ class Command:
 
 
 def _describe(parser: argparse.ArgumentParser, command: Command) -> None:
+    for flag, name, value in command.aliases:
+        parser.add_argument(
+            flag,
+            dest=name,
+            action="store_const",
+            const=value,
+            default=argparse.SUPPRESS,
+            help=f"same as --{name.replace('_', '-')} {value}",
+        )
     if command.config_cls is None:
         docs = param_docs(command.target)
         hints = _resolved_hints(command.target)
@@ -249,9 +260,11 @@ def _optional_commands() -> list[Command]:
     """Commands whose modules may be absent in a partial install."""
     found = []
     try:
-        from multitoken.generate import generate_cli
+        from multitoken.generate_cli import generate_cli
 
-        found.append(Command(("generate",), generate_cli))
+        found.append(
+            Command(("generate",), generate_cli, aliases=(("--no-speculative", "speculative", "off"),))
+        )
     except ImportError:
         pass
     try:
