@@ -1,25 +1,29 @@
 """Decoding speed: plain vs self-speculative greedy decoding, and ours vs `transformers` generate().
 
-    python benchmarks/decode.py --checkpoint runs/demo --batch-sizes 1,8,32
+    python benchmarks/decode.py --checkpoint runs/demo --code-prompts-from data/stdlib-demo --batch-sizes 1,8,32
     python benchmarks/decode.py --preset debug --max-new-tokens 32        # random weights, seconds
     python benchmarks/decode.py --checkpoint runs/demo --draft-trees "3;4,2" \
         --sparse-trees 8,16 --calibrate-data data/stdlib-demo                # chains against draft trees
 
 Every ratio is measured side by side in one run: the repeats alternate between the methods, and each
-figure is the median of the repeats. Prints a markdown table.
+figure is the median of the repeats. "auto" is the default decoding (`speculative=None`: the adaptive
+draft policy); "chain" always drafts with every head. The step-cost table times single decoding steps
+of each plan against a plain step. Prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import time
 
 import torch
+from common import sync
 
 from multitoken.config import preset_config
+from multitoken.data.prompts import val_code_prompts
+from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
 from multitoken.draft_tree import DraftTree, measure_rank_accuracy, sparse_tree
 from multitoken.generate import cache_length, generate
 from multitoken.model import Attention, MultiTokenLM
@@ -107,17 +111,7 @@ def read_prompt_texts(args) -> list[str]:
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
             return [line for line in f.read().splitlines() if line.strip()]
-    from multitoken.data.loader import TokenDataset
-
-    data = TokenDataset(args.code_prompts_from, split="val")
-    text = data.tokenizer().decode(data.window(0, len(data)).tolist())
-    headers = list(dict.fromkeys(re.findall(r"^def \w+\(", text, flags=re.MULTILINE)))
-    return headers[: max(int(b) for b in args.batch_sizes.split(","))]
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    return val_code_prompts(args.code_prompts_from, max(int(b) for b in args.batch_sizes.split(",")))
 
 
 def timed(fn, device: str):
@@ -130,7 +124,11 @@ def timed(fn, device: str):
 
 def decoders(args, model) -> dict[str, dict]:
     """generate() settings to compare: plain, the chain of drafts, and each requested draft tree."""
-    methods = {"plain": dict(speculative=False), "chain": dict(speculative=True)}
+    methods = {
+        "plain": dict(speculative=False),
+        "auto (default)": dict(speculative=None),
+        "chain": dict(speculative=True),
+    }
     for spec in filter(None, args.draft_trees.split(";")):
         tree = DraftTree.parse(spec)
         methods[f"tree {spec} ({tree.n_nodes - 1} nodes)"] = dict(draft_tree=tree)
@@ -186,6 +184,31 @@ def bench_decoders(args, model, prompts, device, methods: dict[str, dict]) -> di
             "identical": out.tokens == outputs["plain"].tokens,
         }
     return results
+
+
+def bench_step_costs(model, batch_size: int, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of one decoding step per chain length, relative to a plain step (steps alternate)."""
+    depth = draft_depth(model.config)
+    plans = [DraftPlan.chain(k) for k in range(depth)]
+    cache_len = min(512, model.config.max_seq_len)
+    batch = DecodeBatch(model, batch_size, cache_len)
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, 16)).tolist()
+    seconds = {plan.name: [] for plan in plans}
+    try:
+        prefill(batch, prompts)
+        for _ in range(repeats):
+            for plan in plans:
+                if max(batch.pos) + depth + 1 >= cache_len - 1:
+                    prefill(batch, prompts)
+                sync(device)
+                start = time.perf_counter()
+                decode_step(batch, plan, [depth] * batch_size)
+                sync(device)
+                seconds[plan.name].append(time.perf_counter() - start)
+    finally:
+        batch.close()
+    plain = statistics.median(seconds["plain"])
+    return {name: statistics.median(s) / plain for name, s in seconds.items()} | {"plain_ms": plain * 1e3}
 
 
 def bytes_per_plain_step(model, prompt_len: int, max_new_tokens: int, batch_size: int, compiled: bool) -> int:
@@ -288,6 +311,18 @@ def main() -> None:
                     f"| {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['identical']} |"
                 )
         print("\nspeedup = plain time / method's time; efficiency = speedup / tokens per forward.\n")
+        print("## One decoding step per chain length, relative to a plain step (median of 200)\n")
+        names = [DraftPlan.chain(k).name for k in range(depth)]
+        print(f"| batch | plain ms | {' | '.join(names[1:])} |")
+        print("|---|---|" + "---|" * (depth - 1))
+        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+            r = bench_step_costs(model, batch_size, 200, device)
+            print(
+                f"| {batch_size} | {r['plain_ms']:.2f} | "
+                + " | ".join(f"{r[n]:.2f}x" for n in names[1:])
+                + " |"
+            )
+        print()
     else:
         print("(one drafting head: no speculative comparison)\n")
 
