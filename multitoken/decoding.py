@@ -155,7 +155,8 @@ class DecodeBatch:
         self.pos: list[int] = [0] * B
         self.synced: list[list[int]] = [[0] * max(self.n_heads, 1) for _ in range(B)]
         self.sampling: SamplingParams | RowSampling = SamplingParams()
-        """Shared settings (generate) or one per cache row (the server)."""
+        """Shared settings (generate) or one per cache row (the server, through `set_sampling`)."""
+        self.row_greedy: list[bool] = [True] * capacity
         self.prefill_heads = self.n_heads > 0
         """Run the cached drafting heads over prompts at prefill (off when the caller never drafts)."""
 
@@ -189,12 +190,21 @@ class DecodeBatch:
         if isinstance(self.sampling, RowSampling):
             for tensor in (self.sampling.temperature_B, self.sampling.top_k_B, self.sampling.top_p_B):
                 tensor[:n] = tensor[index_K]
+        self.row_greedy[:n] = [self.row_greedy[i] for i in keep]
         self.n_rows = n
+
+    def live_sampling(self, rows: slice) -> SamplingParams | RowSampling:
+        """The sampling settings of some rows, knowing on the host whether they are all greedy."""
+        if not isinstance(self.sampling, RowSampling):
+            return self.sampling
+        return self.sampling.rows(rows, all(self.row_greedy[rows]))
 
     def set_sampling(self, row: int, params: SamplingParams) -> None:
         """Give cache row `row` its own sampling settings (before its prefill)."""
         if not isinstance(self.sampling, RowSampling):
             self.sampling = RowSampling.build([self.sampling] * self.capacity, self.device)
+            self.row_greedy = [self.sampling.greedy] * self.capacity
+        self.row_greedy[row] = params.greedy
         self.sampling.temperature_B[row] = params.temperature
         self.sampling.top_k_B[row] = params.top_k
         self.sampling.top_p_B[row] = params.top_p
@@ -289,9 +299,7 @@ def prefill(
         if starts[b] == 0:  # a new row: its drafting heads have seen nothing yet
             batch.synced[first_row + b] = [0] * batch.synced_BJ.shape[1]
             batch.synced_BJ[first_row + b] = 0
-    sampling = batch.sampling
-    if isinstance(sampling, RowSampling):
-        sampling = sampling.rows(rows)
+    sampling = batch.live_sampling(rows)
     last_logits_BV = logits_BTV[rows_B, length_B - 1]
     next_B = choose(last_logits_BV, sampling, batch.generator)[0] if final else None
     if batch.prefill_heads and batch.cached_heads and batch.n_heads and (final or not batch.sequential):
@@ -402,7 +410,8 @@ def _draft(batch: DecodeBatch, plan: DraftPlan, n: int, sampling):
 def _per_draft(sampling, k: int):
     """Row sampling settings repeated for each of a row's k drafts (flattened row-major)."""
     if isinstance(sampling, RowSampling):
-        return sampling.rows(torch.arange(len(sampling.temperature_B)).repeat_interleave(k))
+        index = torch.arange(len(sampling.temperature_B), device=sampling.temperature_B.device)
+        return sampling.rows(index.repeat_interleave(k), sampling.all_greedy)
     return sampling
 
 
@@ -429,7 +438,7 @@ def decode_step(
     if plan.tree is not None:
         return _tree_step(batch, plan, budget, keep_logits)
     n, dev, model, k = len(budget), batch.device, batch.model, plan.n_drafts
-    sampling = batch.sampling.rows(slice(0, n)) if isinstance(batch.sampling, RowSampling) else batch.sampling
+    sampling = batch.live_sampling(slice(0, n))
     next_B, pos_B = batch.next_B[:n], batch.pos_B[:n]
     arange_T = batch._arange_T[: k + 1]
     if min(budget) > k:  # the common case: every row takes the whole block
@@ -475,7 +484,7 @@ def decode_step(
 
 def _tree_step(batch: DecodeBatch, plan: DraftPlan, budget: Sequence[int], keep_logits: bool) -> StepRecord:
     n, dev, model, tree = len(budget), batch.device, batch.model, plan.tree
-    sampling = batch.sampling.rows(slice(0, n)) if isinstance(batch.sampling, RowSampling) else batch.sampling
+    sampling = batch.live_sampling(slice(0, n))
     depth = len(tree.levels)
     n_block_B = torch.tensor([min(depth + 1, max(r, 0)) for r in budget], device=dev)
     n_drafts_B = (n_block_B - 1).clamp(min=0)

@@ -27,7 +27,9 @@ import torch
 
 CACHE_FILE_NAME = "step_costs.json"
 CALIBRATION_REPEATS = 5
-"""Timed steps per plan (after one warm-up step each); the fastest is kept."""
+"""Most timed steps per plan (after one warm-up step each); the fastest is kept."""
+CALIBRATION_BUDGET_S = 0.4
+"""After two timed rounds, further rounds run only while the measurement has taken less than this."""
 
 
 def cache_dir() -> Path:
@@ -88,6 +90,8 @@ class StepCosts:
         times: dict[str, list[float]] = {plan.name: [] for plan in plans}
         try:
             for repeat in range(CALIBRATION_REPEATS + 1):
+                if repeat > 2 and time.perf_counter() - started > CALIBRATION_BUDGET_S:
+                    break
                 for plan in plans:
                     if repeat == 0 or max(batch.pos) + 2 * plan.block >= cache_len - 1:
                         prefill(batch, prompts)

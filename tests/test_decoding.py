@@ -19,11 +19,11 @@ class Driver:
 
     def __init__(self, model, plan, capacity=3):
         self.batch = DecodeBatch(model, capacity, 64, extra_slots=8)
-        self.batch.sampling = RowSampling.build([SamplingParams()] * capacity, "cpu")
         self.plan, self.names, self.out = plan, [], {}
 
     def join(self, name, chunk_sizes=None):
         prompt, row = PROMPTS[name], len(self.names)
+        self.batch.set_sampling(row, SamplingParams())
         chunks = chunk_sizes or [len(prompt)]
         start = 0
         for i, size in enumerate(chunks):
@@ -98,13 +98,15 @@ def test_a_greedy_row_among_sampled_rows_decodes_greedily():
     model = agreeing_model("linear", 3)
     solo = generate(model, [PROMPTS["b"]], N_NEW, speculative=False).tokens[0]
     batch = DecodeBatch(model, 3, 64)
-    batch.sampling = RowSampling.build(
-        [SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=0.5)], "cpu"
-    )
+    for row, params in enumerate(
+        [SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=0.5)]
+    ):
+        batch.set_sampling(row, params)
     batch.generator = torch.Generator().manual_seed(0)
     record = prefill(batch, [PROMPTS["a"], PROMPTS["b"], PROMPTS["c"]])
     tokens = record.tokens[1]
     while len(tokens) < N_NEW:
         tokens += decode_step(batch, DraftPlan.chain(2), [N_NEW] * 3).tokens[1]
     assert tokens[:N_NEW] == solo
+    assert not batch.live_sampling(slice(0, 3)).greedy and batch.live_sampling(slice(1, 2)).greedy
     batch.close()
