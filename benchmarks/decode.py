@@ -20,6 +20,7 @@ import time
 
 import torch
 from common import sync
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from multitoken.config import preset_config
 from multitoken.data.prompts import val_code_prompts
@@ -186,6 +187,36 @@ def bench_decoders(args, model, prompts, device, methods: dict[str, dict]) -> di
     return results
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the tensor operations (aten calls) that run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_operations(model, batch_size: int) -> dict[str, int]:
+    """Tensor operations of one decoding step per chain length (each step makes one host sync)."""
+    depth = draft_depth(model.config)
+    batch = DecodeBatch(model, batch_size, min(128, model.config.max_seq_len))
+    counts = {}
+    try:
+        prefill(batch, [[1, 2, 3, 4]] * batch_size)
+        for k in range(depth):
+            plan = DraftPlan.chain(k)
+            decode_step(batch, plan, [depth] * batch_size)  # drafting heads caught up
+            with _OpCounter() as counter:
+                decode_step(batch, plan, [depth] * batch_size)
+            counts[plan.name] = counter.count
+    finally:
+        batch.close()
+    return counts
+
+
 def bench_step_costs(model, batch_size: int, repeats: int, device: str) -> dict[str, float]:
     """Median seconds of one decoding step per chain length, relative to a plain step (steps alternate)."""
     depth = draft_depth(model.config)
@@ -313,6 +344,9 @@ def main() -> None:
         print("\nspeedup = plain time / method's time; efficiency = speedup / tokens per forward.\n")
         print("## One decoding step per chain length, relative to a plain step (median of 200)\n")
         names = [DraftPlan.chain(k).name for k in range(depth)]
+        ops = step_operations(model, 1)
+        print("Tensor operations per step at batch 1: " + ", ".join(f"{n} {c}" for n, c in ops.items()))
+        print("(one device-to-host copy per step, whatever the plan)\n")
         print(f"| batch | plain ms | {' | '.join(names[1:])} |")
         print("|---|---|" + "---|" * (depth - 1))
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
