@@ -154,9 +154,8 @@ class DecodeBatch:
         self.synced_BJ = torch.zeros(B, max(self.n_heads, 1), dtype=torch.long, device=dev)
         self.pos: list[int] = [0] * B
         self.synced: list[list[int]] = [[0] * max(self.n_heads, 1) for _ in range(B)]
-        self.sampling: SamplingParams | RowSampling = SamplingParams()
-        """Shared settings (generate) or one per cache row (the server, through `set_sampling`)."""
         self.row_greedy: list[bool] = [True] * capacity
+        self.sampling = SamplingParams()
         self.prefill_heads = self.n_heads > 0
         """Run the cached drafting heads over prompts at prefill (off when the caller never drafts)."""
 
@@ -193,6 +192,20 @@ class DecodeBatch:
         self.row_greedy[:n] = [self.row_greedy[i] for i in keep]
         self.n_rows = n
 
+    @property
+    def sampling(self) -> SamplingParams | RowSampling:
+        """Shared settings (generate) or one per cache row (the server: assign, or `set_sampling`)."""
+        return self._sampling
+
+    @sampling.setter
+    def sampling(self, value: SamplingParams | RowSampling) -> None:
+        self._sampling = value
+        if isinstance(value, RowSampling):  # one device read here, none per step
+            greedy = (value.temperature_B == 0).tolist()
+        else:
+            greedy = [value.greedy] * self.capacity
+        self.row_greedy[: len(greedy)] = greedy
+
     def live_sampling(self, rows: slice) -> SamplingParams | RowSampling:
         """The sampling settings of some rows, knowing on the host whether they are all greedy."""
         if not isinstance(self.sampling, RowSampling):
@@ -203,7 +216,6 @@ class DecodeBatch:
         """Give cache row `row` its own sampling settings (before its prefill)."""
         if not isinstance(self.sampling, RowSampling):
             self.sampling = RowSampling.build([self.sampling] * self.capacity, self.device)
-            self.row_greedy = [self.sampling.greedy] * self.capacity
         self.row_greedy[row] = params.greedy
         self.sampling.temperature_B[row] = params.temperature
         self.sampling.top_k_B[row] = params.top_k

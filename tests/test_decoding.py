@@ -109,4 +109,6 @@ def test_a_greedy_row_among_sampled_rows_decodes_greedily():
         tokens += decode_step(batch, DraftPlan.chain(2), [N_NEW] * 3).tokens[1]
     assert tokens[:N_NEW] == solo
     assert not batch.live_sampling(slice(0, 3)).greedy and batch.live_sampling(slice(1, 2)).greedy
+    batch.sampling = RowSampling.build([SamplingParams(), SamplingParams(temperature=1.0)], "cpu")
+    assert batch.live_sampling(slice(0, 1)).greedy and not batch.live_sampling(slice(0, 2)).greedy
     batch.close()
