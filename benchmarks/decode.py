@@ -58,6 +58,14 @@ def parse_args() -> argparse.Namespace:
         help="torch.compile the decoding step (inductor on CPU, CUDA graphs on GPU)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: time this process's CPU use, which other jobs on a shared machine do not inflate "
+        "(use with --threads 1 on CPU)",
+    )
     parser.add_argument(
         "--draft-trees",
         default="",
@@ -115,12 +123,16 @@ def read_prompt_texts(args) -> list[str]:
     return val_code_prompts(args.code_prompts_from, max(int(b) for b in args.batch_sizes.split(",")))
 
 
-def timed(fn, device: str):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""`--clock cpu` times this process's CPU use (with one thread: its own work, not other jobs')."""
+
+
+def timed(fn, device: str, clock: str = "wall"):
     sync(device)
-    start = time.perf_counter()
+    start = CLOCKS[clock]()
     out = fn()
     sync(device)
-    return time.perf_counter() - start, out
+    return CLOCKS[clock]() - start, out
 
 
 def decoders(args, model) -> dict[str, dict]:
@@ -169,7 +181,7 @@ def bench_decoders(args, model, prompts, device, methods: dict[str, dict]) -> di
     outputs = {}
     for _ in range(args.repeats):
         for name, kwargs in methods.items():
-            t, outputs[name] = timed(lambda kwargs=kwargs: run(kwargs), device)
+            t, outputs[name] = timed(lambda kwargs=kwargs: run(kwargs), device, args.clock)
             seconds[name].append(t)
     plain_s = statistics.median(seconds["plain"])
     results = {}
@@ -217,7 +229,7 @@ def step_operations(model, batch_size: int) -> dict[str, int]:
     return counts
 
 
-def bench_step_costs(model, batch_size: int, repeats: int, device: str) -> dict[str, float]:
+def bench_step_costs(model, batch_size: int, repeats: int, device: str, clock: str) -> dict[str, float]:
     """Median seconds of one decoding step per chain length, relative to a plain step (steps alternate)."""
     depth = draft_depth(model.config)
     plans = [DraftPlan.chain(k) for k in range(depth)]
@@ -231,11 +243,9 @@ def bench_step_costs(model, batch_size: int, repeats: int, device: str) -> dict[
             for plan in plans:
                 if max(batch.pos) + depth + 1 >= cache_len - 1:
                     prefill(batch, prompts)
-                sync(device)
-                start = time.perf_counter()
-                decode_step(batch, plan, [depth] * batch_size)
-                sync(device)
-                seconds[plan.name].append(time.perf_counter() - start)
+                seconds[plan.name].append(
+                    timed(lambda plan=plan: decode_step(batch, plan, [depth] * batch_size), device, clock)[0]
+                )
     finally:
         batch.close()
     plain = statistics.median(seconds["plain"])
@@ -297,9 +307,9 @@ def bench_hf(args, model, hf_model, prompts, device, speculative: bool) -> dict:
     ours(), hf()
     ours_s, hf_s, a, b = [], [], None, None
     for _ in range(args.repeats):
-        t, a = timed(ours, device)
+        t, a = timed(ours, device, args.clock)
         ours_s.append(t)
-        t, b = timed(hf, device)
+        t, b = timed(hf, device, args.clock)
         hf_s.append(t)
     new_tokens = len(prompts) * n
     return {
@@ -312,6 +322,8 @@ def bench_hf(args, model, hf_model, prompts, device, speculative: bool) -> dict:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, description = load_model(args, device)
     model = model.to(dtype=getattr(torch, args.dtype)).eval()
@@ -323,6 +335,7 @@ def main() -> None:
         f"n_future={config.n_future} offsets={config.head_offsets} style={config.head_style} "
         f"draft depth={depth}, {model.num_params() / 1e6:.1f}M params, {args.dtype}, {device} ({machine}), "
         f"{args.max_new_tokens} new tokens, median of {args.repeats}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {args.clock} clock, "
         f"our decoding step {'compiled' if args.compile else 'eager'} (transformers always eager)\n"
     )
 
@@ -350,7 +363,7 @@ def main() -> None:
         print(f"| batch | plain ms | {' | '.join(names[1:])} |")
         print("|---|---|" + "---|" * (depth - 1))
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-            r = bench_step_costs(model, batch_size, 200, device)
+            r = bench_step_costs(model, batch_size, 200, device, args.clock)
             print(
                 f"| {batch_size} | {r['plain_ms']:.2f} | "
                 + " | ".join(f"{r[n]:.2f}x" for n in names[1:])

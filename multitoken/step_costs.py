@@ -10,7 +10,9 @@ prompts (a fraction of a second for small models), and stores the medians in a J
 
 Delete the file to measure again. The plans are timed in turns and each keeps its fastest repeat:
 on a shared machine other work only ever adds time, so the minimum is the steadiest estimate of a
-step's own cost, and taking turns spreads any drift over every plan alike.
+step's own cost, and taking turns spreads any drift over every plan alike. On a CPU the clock is
+this process's CPU time, which other processes competing for the cores do not inflate; on a GPU it
+is the wall clock (each step ends with a device-to-host copy, so the GPU work is inside it).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class StepCosts:
         from multitoken.decoding import DecodeBatch, decode_step, prefill
 
         started = time.perf_counter()
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        clock = time.process_time if on_cpu else time.perf_counter
         B = batch_bucket(batch_size)
         extra = max((p.block for p in plans if p.tree is not None), default=0)
         batch = DecodeBatch(model, B, cache_len, extra_slots=extra)
@@ -95,10 +99,10 @@ class StepCosts:
                 for plan in plans:
                     if repeat == 0 or max(batch.pos) + 2 * plan.block >= cache_len - 1:
                         prefill(batch, prompts)
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     decode_step(batch, plan, [plan.block] * B)
                     if repeat:  # the first round warms up
-                        times[plan.name].append(time.perf_counter() - t0)
+                        times[plan.name].append(clock() - t0)
             row.update({name: min(seconds) for name, seconds in times.items()})
         finally:
             batch.close()
