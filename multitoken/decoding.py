@@ -88,8 +88,8 @@ class StepRecord:
 
     plan: DraftPlan
     tokens: list[list[int]]
-    """Per row: the tokens this step committed, in order (the accepted drafts, then the new pending
-    token); empty for rows given no budget."""
+    """Per row: the tokens this step adds to the row's output, its accepted drafts and then the token
+    chosen after them (which becomes the pending token); empty for rows given no budget."""
     n_accepted: list[int]
     """Per row: drafts accepted."""
     reached_J: list[int] = field(default_factory=list)
@@ -138,6 +138,7 @@ class DecodeBatch:
         self.forward, self.forward_tree = _compiled_steps(self.device.type) if compile else _EAGER_STEPS
         model.setup_caches(capacity, cache_len, extra_slots=extra_slots)
         self.n_rows = 0
+        """Rows in use, for the caller's bookkeeping (a step's rows are those its budget covers)."""
         B, S, dev = capacity, cache_len + extra_slots, self.device
         self.next_B = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos_B = torch.zeros(B, dtype=torch.long, device=dev)

@@ -124,6 +124,7 @@ class DraftPolicy:
         self.steps_since_drafting = 0
         self.probing = False
         self.plan_counts: Counter[str] = Counter()
+        self._best_cache: tuple[int, DraftPlan] | None = None
         self.calibration_seconds = 0.0
         """Seconds spent measuring step costs when this policy was made (0 when they were cached)."""
 
@@ -164,12 +165,20 @@ class DraftPolicy:
                     out[plan.name] = (expected_tree_tokens(rank_rates, tree) / seconds, plan)
         return out
 
+    def _best(self, batch_size: int) -> DraftPlan:
+        """The plan of most expected tokens per second (cached until the statistics change)."""
+        if self._best_cache is None or self._best_cache[0] != batch_size:
+            values = self.values(batch_size)
+            best = max(values.values(), key=lambda v: v[0])[1] if values else self.chains[-1]
+            self._best_cache = (batch_size, best)
+        return self._best_cache[1]
+
     def choose(self, batch_size: int) -> DraftPlan:
         if self.trees and self.n_heads and self.steps % TREE_REFRESH_STEPS == 0:
             self._refresh_trees()
+            self._best_cache = None
         self.steps += 1
-        values = self.values(batch_size)
-        best = max(values.values(), key=lambda v: v[0])[1] if values else self.chains[-1]
+        best = self._best(batch_size)
         self.probing = False
         if best.n_heads < self.n_heads:
             self.steps_since_drafting += 1
@@ -183,14 +192,19 @@ class DraftPolicy:
         return best
 
     def observe(self, record: StepRecord, batch_size: int) -> None:
-        """Fold a step's acceptance into the statistics."""
+        """Fold a step's acceptance into the statistics.
+
+        A plain step carries no evidence; decaying every count alike would leave every rate as it
+        was, so it changes nothing.
+        """
+        if not record.reached_J:
+            return
         self.stats.decay()
         self.stats.add(record)
-        if self.probing:
+        self._best_cache = None
+        if self.probing and self._best(batch_size).n_heads < self.n_heads:
             # Probing found nothing worth drafting: wait twice as long before the next probe.
-            values = self.values(batch_size)
-            if values and max(values.values(), key=lambda v: v[0])[1].n_heads < self.n_heads:
-                self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
+            self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
 
 
 __all__ = [
