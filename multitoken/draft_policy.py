@@ -30,7 +30,7 @@ from multitoken.step_costs import StepCosts
 
 DECAY = 0.9
 """Weight the statistics keep per step: about the last 10 steps' worth of rows count."""
-PRIOR_RATE = 0.5
+PRIOR_RATE = 0.35
 """Acceptance assumed before anything is observed (worth PRIOR_WEIGHT rows)."""
 PRIOR_WEIGHT = 2.0
 FIRST_PROBE_INTERVAL = 8

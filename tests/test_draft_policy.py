@@ -71,7 +71,8 @@ def test_always_accepted_heads_lead_to_the_deepest_chain():
     prompt = stub.seq_BS[0, :3].tolist()
     out, plans = plan_sequence(stub_policy(), stub, prompt, 100)
     assert out.tokens == [stub.seq_BS[0, 3:103].tolist()]
-    assert set(plans[1:]) == {"chain3"}  # from the first observation on (the prior alone picks chain2)
+    depths = [int(name.removeprefix("chain")) for name in plans]
+    assert depths == sorted(depths) and set(plans[4:]) == {"chain3"}  # deeper as evidence comes in
     assert out.stats.tokens_per_forward > 3.5
 
 
@@ -82,7 +83,7 @@ def test_a_change_in_acceptance_is_followed():
     out, plans = plan_sequence(stub_policy(), stub, prompt, 200)
     assert out.tokens == [stub.seq_BS[0, 3:203].tolist()]
     switch = next(i for i, name in enumerate(plans) if name == "plain")
-    assert switch > 10 and all(name == "chain3" for name in plans[1 : switch - 2])
+    assert switch > 10 and all(name == "chain3" for name in plans[4 : switch - 2])
     tail = plans[switch:]
     assert tail.count("plain") >= len(tail) - 5  # only probes draft now
 
