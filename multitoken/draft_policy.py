@@ -13,9 +13,11 @@ statistics, decayed so that a change of text is followed within tens of steps:
                                                                             right | depth d reached)
 
 (the tree formula assumes the heads err independently, as Medusa's sparse trees do). When plain
-decoding wins, the policy still probes now and then with the deepest chain, at intervals that double
-while probing finds nothing (up to MAX_PROBE_INTERVAL steps), so drafting resumes when drafts become
-useful. Every plan is lossless, so the choice changes speed only, never the output.
+decoding wins, the policy still probes now and then with the cheapest drafting plan, a chain of one
+draft, at intervals that double while probing finds nothing (FIRST_PROBE_INTERVAL up to
+MAX_PROBE_INTERVAL steps), so drafting resumes when drafts become useful; deeper heads are tried once
+the first one earns its keep. Every plan is lossless, so the choice changes speed only, never the
+output.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ DECAY = 0.9
 PRIOR_RATE = 0.35
 """Acceptance assumed before anything is observed (worth PRIOR_WEIGHT rows)."""
 PRIOR_WEIGHT = 2.0
-FIRST_PROBE_INTERVAL = 8
+FIRST_PROBE_INTERVAL = 16
 MAX_PROBE_INTERVAL = 256
 TREE_SIZES = (4, 8, 16)
 """Non-root nodes of the sparse trees considered."""
@@ -180,10 +182,10 @@ class DraftPolicy:
         self.steps += 1
         best = self._best(batch_size)
         self.probing = False
-        if best.n_heads < self.n_heads:
+        if best.n_heads == 0 and self.n_heads:
             self.steps_since_drafting += 1
             if self.steps_since_drafting >= self.probe_interval:
-                best, self.probing = self.chains[-1], True
+                best, self.probing = self.chains[1], True
                 self.steps_since_drafting = 0
         else:
             self.steps_since_drafting = 0
@@ -202,7 +204,7 @@ class DraftPolicy:
         self.stats.decay()
         self.stats.add(record)
         self._best_cache = None
-        if self.probing and self._best(batch_size).n_heads < self.n_heads:
+        if self.probing and self._best(batch_size).n_heads == 0:
             # Probing found nothing worth drafting: wait twice as long before the next probe.
             self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
 

@@ -297,7 +297,9 @@ def generate(
         compile=compile,
         generator=generator,
     )
-    batch.sampling, batch.n_rows, batch.prefill_heads = params, B, n_heads > 0
+    # Forced drafting fills the cached drafting heads over the prompt at once; the adaptive policy
+    # lets them catch up lazily, when (and if) it first drafts.
+    batch.sampling, batch.n_rows, batch.prefill_heads = params, B, fixed is not None and n_heads > 0
     batch.track_ranks = policy is not None and policy.trees
     try:
         if max_new_tokens > 0:
