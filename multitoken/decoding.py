@@ -43,7 +43,7 @@ from multitoken.draft_tree import (
 from multitoken.sampling import RowSampling, SamplingParams, choose
 from multitoken.speculative import accept_greedy, accept_sampled, draft_depth, propose_drafts
 
-CATCH_UP_WINDOW = 64
+CATCH_UP_WINDOW = 32
 """Most positions a cached drafting head catches up on before it drafts again."""
 RANKS_TRACKED = 8
 """Ranks of each drafting head's guesses whose hit rates a step reports (for tree plans)."""

@@ -35,7 +35,7 @@ DECAY = 0.9
 PRIOR_RATE = 0.35
 """Acceptance assumed before anything is observed (worth PRIOR_WEIGHT rows)."""
 PRIOR_WEIGHT = 2.0
-FIRST_PROBE_INTERVAL = 16
+FIRST_PROBE_INTERVAL = 32
 MAX_PROBE_INTERVAL = 256
 TREE_SIZES = (4, 8, 16)
 """Non-root nodes of the sparse trees considered."""
