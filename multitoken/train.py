@@ -471,7 +471,13 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
-    """Train a multi-token model as `cfg` describes; returns the last logged metrics."""
+    """Train a multi-token-prediction model on prepared data, or resume a run with --resume.
+
+    The model shape comes from --preset, with any field (--n-future, --head-style, --dim, ...)
+    overridden. The run folder (--out) gets metrics.jsonl, TensorBoard logs and checkpoints written
+    atomically; Ctrl-C or SIGTERM saves a checkpoint and stops (a second one stops at once).
+    Returns the last logged metrics.
+    """
     trainer = Trainer(cfg)
     try:
         return trainer.fit()

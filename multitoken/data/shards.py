@@ -112,7 +112,13 @@ def check_shard_files(directory: str | os.PathLike, meta: dict, split: str) -> l
 
 
 def prepare(cfg: PrepareConfig) -> Path:
-    """Tokenize `cfg.source` into `cfg.out`, or reuse `cfg.out` if it already holds the same dataset."""
+    """Turn a text corpus into token shards that `multitoken train` reads.
+
+    Reads the corpus (the Python standard library, Shakespeare, your own files or a Hugging Face
+    dataset), trains a BPE tokenizer on it or uses the one you name, splits documents into train and
+    validation, and writes the token ids and the tokenizer to --out. Running it again with the same
+    settings reuses the folder.
+    """
     _check_config(cfg)
     out = Path(cfg.out)
     given = _given_tokenizer(cfg.tokenizer)
