@@ -177,7 +177,7 @@ def test_checkpoint_whose_config_does_not_match(trained_run, tmp_path, capsys):
         (["--prompt", ""], "empty"),
         (["--prompt", "x" * 300], "exceeds the model's context of 256 tokens"),
         (["--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
-        (["--prompt", "x", "--temperature", "nan"], "temperature must be a finite number >= 0"),
+        (["--prompt", "x", "--temperature", "nan"], "--temperature: must be a finite number"),
         (["--prompt", "x", "--device", "gpu"], "unknown device 'gpu'"),
         (["--prompt", "x", "--device", "cuda:99"], "device 'cuda:99' is not available here"),
         (["--prompt", "x", "--draft-tree", "300"], "the vocabulary has only"),
