@@ -10,6 +10,7 @@ replaced atomically, so a crash or Ctrl-C at any moment leaves the last good che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -72,7 +73,8 @@ def save_checkpoint(
         _fsync_files(tmp)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) or "write" in str(err).lower() and isinstance(err, RuntimeError):
+        disk_error = isinstance(err, (OSError, SafetensorError))
+        if disk_error or (isinstance(err, RuntimeError) and "writ" in str(err).lower()):
             kept = _read_latest(root)
             raise UserError(
                 f"could not save checkpoint {final.name} in {root}: {_reason(err)}; "
@@ -86,10 +88,9 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    try:
+    # If this fails, `latest` still names the previous step; readers fall back to the newest complete one.
+    with contextlib.suppress(OSError):
         _write_atomic(root / LATEST, final.name + "\n")
-    except OSError:
-        pass  # `latest` still names the previous step; readers fall back to the newest complete one
     if keep > 0:
         prune_checkpoints(root, keep)
     return final
@@ -175,7 +176,9 @@ def weight_shapes(ckpt: str | Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"checkpoint weights {path} are not a readable safetensors file: {_reason(err)}") from None
+        raise UserError(
+            f"checkpoint weights {path} are not a readable safetensors file: {_reason(err)}"
+        ) from None
 
 
 def check_weights(ckpt: str | Path, expected: dict[str, torch.Tensor]) -> None:
@@ -242,7 +245,9 @@ def load_trainer_state(ckpt: str | Path, mmap: bool = False) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise UserError(f"trainer state {path} is unreadable (truncated or not ours): {_reason(err)}") from None
+        raise UserError(
+            f"trainer state {path} is unreadable (truncated or not ours): {_reason(err)}"
+        ) from None
     missing = [k for k in ("optimizer", "step", "torch_rng") if not isinstance(state, dict) or k not in state]
     if missing:
         raise UserError(f"trainer state {path} lacks {', '.join(missing)}")

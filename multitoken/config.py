@@ -163,7 +163,9 @@ def dataclass_from_dict(cls: type, values: Any, what: str = "config"):
     if unknown:
         raise UserError(f"unknown {what} field(s): {', '.join(unknown)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{name: coerce_value(value, hints[name], f"{what} field {name}") for name, value in values.items()})
+    return cls(
+        **{name: coerce_value(value, hints[name], f"{what} field {name}") for name, value in values.items()}
+    )
 
 
 def strip_optional(tp: Any) -> Any:

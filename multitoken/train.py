@@ -110,7 +110,14 @@ class TrainConfig:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
-        non_negative = ("micro_batch_size", "warmup_steps", "weight_decay", "grad_clip", "seed", "decay_steps")
+        non_negative = (
+            "micro_batch_size",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "seed",
+            "decay_steps",
+        )
         non_negative += ("val_every", "save_every", "keep")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -514,7 +521,9 @@ class Trainer:
                 try:
                     metrics = self.train_step()
                 except NonFiniteLoss as err:
-                    raise NonFiniteLoss(f"{err}; stopped without saving: {self._last_checkpoint_text()}") from None
+                    raise NonFiniteLoss(
+                        f"{err}; stopped without saving: {self._last_checkpoint_text()}"
+                    ) from None
                 elapsed = time.perf_counter() - started
                 metrics["tokens_per_s"] = tokens_per_step / elapsed
                 at_end = self.step == cfg.max_steps
