@@ -10,7 +10,6 @@ replaced atomically, so a crash or Ctrl-C at any moment leaves the last good che
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -88,9 +87,7 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    # If this fails, `latest` still names the previous step; readers fall back to the newest complete one.
-    with contextlib.suppress(OSError):
-        _write_atomic(root / LATEST, final.name + "\n")
+    write_text_atomic(root / LATEST, final.name + "\n")  # if this fails, `latest` names the previous step
     if keep > 0:
         prune_checkpoints(root, keep)
     return final
