@@ -234,10 +234,11 @@ def _describe(parser: argparse.ArgumentParser, command: Command) -> None:
 def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
+    from multitoken.files import read_text
+
+    text = read_text(path, "config")
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise UserError(f"cannot read config {path}: {err.strerror}") from err
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise UserError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(values, dict):
@@ -252,7 +253,10 @@ def explicit_values(command: Command, namespace: argparse.Namespace) -> dict[str
     values = _load_yaml(config_path) if config_path else {}
     if command.nested_key:
         nested_names = {f.name for cls in command.extra_fields for f in dataclasses.fields(cls)}
-        nested = dict(values.pop(command.nested_key, None) or {})
+        nested = values.pop(command.nested_key, None) or {}
+        if not isinstance(nested, dict):
+            raise UserError(f"config {config_path}: {command.nested_key} must be a mapping of field: value")
+        nested = dict(nested)
         for source in (values, given):
             for name in list(source):
                 if name in nested_names:

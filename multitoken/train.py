@@ -11,6 +11,7 @@ import dataclasses
 import math
 import signal
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from multitoken import checkpoint as ckpt_io
-from multitoken.config import ModelConfig, dataclass_from_dict, preset_config
+from multitoken.config import ModelConfig, coerce_value, dataclass_from_dict, preset_config
 from multitoken.data.loader import TokenDataset
 from multitoken.distributed import Dist
 from multitoken.errors import UserError
@@ -29,6 +30,9 @@ from multitoken.model import Block, MultiTokenLM
 from multitoken.train_log import check_metrics
 
 TRAIN_CONFIG = "train_config.json"
+MAX_TOKENS_PER_STEP = 1 << 30
+"""Most tokens in one global batch (1.07B, 100x the largest published LLM batches): the batch of a step
+is built whole in memory, so larger values would only exhaust it."""
 
 
 @dataclass
@@ -129,9 +133,18 @@ class TrainConfig:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not isinstance(self.model, dict):
+            raise UserError(f"model must be a mapping of ModelConfig fields, got {self.model!r}")
         unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(ModelConfig)})
         if unknown:
             raise UserError(f"unknown model config field(s): {', '.join(unknown)}")
+        hints = typing.get_type_hints(ModelConfig)
+        self.model = {k: coerce_value(v, hints[k], f"model field {k}") for k, v in self.model.items()}
+        if self.batch_size * self.seq_len > MAX_TOKENS_PER_STEP:
+            raise UserError(
+                f"batch_size={self.batch_size} x seq_len={self.seq_len} is more than "
+                f"{MAX_TOKENS_PER_STEP:,} tokens per step"
+            )
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The model this run trains, for a dataset of `vocab_size` tokens."""

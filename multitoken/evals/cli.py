@@ -209,6 +209,12 @@ def _code_benchmark(
         raise UserError(f"limit must be at least 1, got {limit}")
     if not timeout_s > 0:
         raise UserError(f"timeout_s must be positive, got {timeout_s}")
+    if workers < 1:
+        raise UserError(f"workers must be at least 1, got {workers}")
+    if temperature < 0:
+        raise UserError(f"temperature must be 0 (greedy) or more, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if json:
         check_output_parent(json, "summary")
     if samples is not None:
