@@ -16,7 +16,6 @@ import sys
 import textwrap
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from multitoken.config import coerce_value, dataclass_from_dict, strip_optional
