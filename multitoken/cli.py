@@ -367,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         return exit_.code if isinstance(exit_.code, int) else 2
-    except KeyboardInterrupt:
-        print("multitoken: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"multitoken: {err or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 
