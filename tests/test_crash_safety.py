@@ -159,8 +159,9 @@ def test_a_full_disk_when_writing_json_leaves_no_temporary_file(dataset, tmp_pat
 
 
 def test_a_full_disk_during_prepare_leaves_nothing(tmp_path, monkeypatch, capsys):
-    from helpers import make_corpus
     from multitoken.data import shards
+
+    from helpers import make_corpus
 
     def no_space(self, ids_N):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
