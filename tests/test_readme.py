@@ -31,9 +31,16 @@ SMALLER = {
     "--max-new-tokens": lambda value, corpus: "4",
     "--limit": lambda value, corpus: "1",
 }
+SMALL_TRAIN = ["--preset", "debug", "--seq-len", "32", "--val-every", "0", "--val-batches", "1"]
 EXTRA = {
-    "train": ["--preset", "debug", "--seq-len", "32", "--val-every", "0", "--val-batches", "1", "--save-every", "0"]
-    + ["--no-progress", "--device", "cpu"],  # also over a --config file's sizes
+    "train": [
+        *SMALL_TRAIN,
+        "--save-every",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ],  # over --config sizes too
     "eval loss": ["--max-windows", "2", "--seq-len", "32"],
 }
 PARSE_ONLY = (
