@@ -65,18 +65,19 @@ ARGS_HEADINGS = ("Args:", "Arguments:")
 def param_docs(fn: Callable) -> dict[str, str]:
     """`name: text` entries from the Args section of a Google-style docstring; an entry's text goes on
     over the more deeply indented lines below it."""
-    docs, in_args, name = {}, False, None
+    docs, in_args, name, entry_indent = {}, False, None, 0
     for line in (inspect.getdoc(fn) or "").splitlines():
         stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
         if stripped in ARGS_HEADINGS:
             in_args = True
         elif in_args and not stripped:
             in_args, name = False, None
-        elif in_args and line.startswith(" " * 8) and name is not None:
+        elif in_args and name is not None and indent > entry_indent:
             docs[name] += " " + stripped
         elif in_args and ":" in stripped:
             name, text = stripped.split(":", 1)
-            name = name.strip()
+            name, entry_indent = name.strip(), indent
             docs[name] = text.strip()
     return docs
 
