@@ -279,6 +279,13 @@ def _parse_batch_size(batch_size: int | str | None) -> int:
     return value
 
 
+def with_default_device(argv: list[str]) -> list[str]:
+    """lm_eval arguments with `--device auto` added to a model run that names no device."""
+    if "--model" in argv and not any(a == "--device" or a.startswith("--device=") for a in argv):
+        return [*argv, "--device", "auto"]
+    return list(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The lm_eval command line, with the "multitoken" model registered.
 
@@ -289,10 +296,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    argv = sys.argv[1:] if argv is None else argv
-    if "--model" in argv and not any(a == "--device" or a.startswith("--device=") for a in argv):
-        argv = [*argv, "--device", "auto"]
-    sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *with_default_device(sys.argv[1:] if argv is None else argv)]
     try:
         cli_evaluate()
     except UserError as err:
