@@ -191,6 +191,8 @@ class Command:
     """Turns the explicit values into the config object; default: config_cls(**values)."""
     positional: tuple[str, ...] = ()
     """Parameters taken as positional arguments rather than --flags (e.g. the CSV of `lab scaling fit`)."""
+    aliases: tuple[tuple[str, str, Any], ...] = ()
+    """(flag, parameter, value): a flag that sets a parameter to a value, e.g. --no-speculative."""
 
     @property
     def help(self) -> str:
@@ -198,6 +200,15 @@ class Command:
 
 
 def _describe(parser: argparse.ArgumentParser, command: Command) -> None:
+    for flag, name, value in command.aliases:
+        parser.add_argument(
+            flag,
+            dest=name,
+            action="store_const",
+            const=value,
+            default=argparse.SUPPRESS,
+            help=f"same as --{name.replace('_', '-')} {value}",
+        )
     if command.config_cls is None:
         docs = param_docs(command.target)
         hints = _resolved_hints(command.target)
@@ -289,12 +300,12 @@ def commands() -> list[Command]:
     ]
     from multitoken.evals.cli import eval_commands
     from multitoken.experiments.cli import experiment_commands
-    from multitoken.generate import generate_cli
+    from multitoken.generate_cli import generate_cli
     from multitoken.lab.cli import lab_commands
     from multitoken.lab.scaling import scaling_fit
     from multitoken.lab.scaling_run import scaling_run_cli
 
-    found.append(Command(("generate",), generate_cli))
+    found.append(Command(("generate",), generate_cli, aliases=(("--no-speculative", "speculative", "off"),)))
     for path, fn in (*eval_commands(), *experiment_commands(), *lab_commands()):
         found.append(Command(path, fn))
     found.append(Command(("lab", "scaling", "fit"), scaling_fit, positional=("csv",)))

@@ -61,9 +61,11 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
-        if not 1 <= self.n_future <= self.n_layers:
+        if self.n_future < 1:
+            raise UserError(f"n_future must be at least 1, got {self.n_future}")
+        if self.n_future > self.n_layers:  # before head_offsets is built from it
             raise UserError(
-                f"n_future={self.n_future} heads need 1 to n_layers={self.n_layers}; got {self.n_future}"
+                f"n_future={self.n_future} heads need at least as many layers, got n_layers={self.n_layers}"
             )
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads

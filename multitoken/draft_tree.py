@@ -265,16 +265,17 @@ def _normalised(r_BV: Tensor, fallback_BV: Tensor) -> Tensor:
     return torch.where(total_B1 > 0, r_BV / total_B1.clamp(min=1e-30), fallback_BV)
 
 
-def commit_path(model, pos_B: Tensor, path_BP: Tensor) -> None:
+def commit_path(model, pos_B: Tensor, path_BP: Tensor, attention_modules: list | None = None) -> None:
     """Move the accepted path's keys and values from their node slots to consecutive slots from pos_B.
 
     Entries past a row's accepted depth copy the last accepted node again: they land beyond the committed
-    length, where they are masked until overwritten.
+    length, where they are masked until overwritten. `attention_modules` (default: all) are the layers
+    whose caches the tree's forward pass wrote.
     """
     rows_B1 = torch.arange(len(pos_B), device=pos_B.device).unsqueeze(1)
     src_BP = pos_B.unsqueeze(1) + path_BP
     dst_BP = pos_B.unsqueeze(1) + torch.arange(path_BP.shape[1], device=pos_B.device)
-    for attn in model.attention_modules():
+    for attn in model.attention_modules() if attention_modules is None else attention_modules:
         cache = attn.kv_cache
         cache.k_cache_BSKE[rows_B1, dst_BP] = cache.k_cache_BSKE[rows_B1, src_BP]
         cache.v_cache_BSKE[rows_B1, dst_BP] = cache.v_cache_BSKE[rows_B1, src_BP]

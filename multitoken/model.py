@@ -65,13 +65,16 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache_BSKE", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache_BSKE", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos_BT: Tensor, k_BKTE: Tensor, v_BKTE: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this call's keys/values and return the whole cache as (B, K, S, E) views."""
-        batch = k_BKTE.shape[0]
-        rows_B1 = torch.arange(batch, device=input_pos_BT.device).unsqueeze(1)
-        self.k_cache_BSKE[rows_B1, input_pos_BT] = k_BKTE.transpose(1, 2).to(self.k_cache_BSKE.dtype)
-        self.v_cache_BSKE[rows_B1, input_pos_BT] = v_BKTE.transpose(1, 2).to(self.v_cache_BSKE.dtype)
-        return self.k_cache_BSKE[:batch].transpose(1, 2), self.v_cache_BSKE[:batch].transpose(1, 2)
+    def update(
+        self, input_pos_BT: Tensor, k_BKTE: Tensor, v_BKTE: Tensor, first_row: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Write this call's keys/values to cache rows first_row.. and return those rows as (B, K, S, E) views."""
+        rows = slice(first_row, first_row + k_BKTE.shape[0])
+        k_cache_BSKE, v_cache_BSKE = self.k_cache_BSKE[rows], self.v_cache_BSKE[rows]
+        rows_B1 = torch.arange(k_BKTE.shape[0], device=input_pos_BT.device).unsqueeze(1)
+        k_cache_BSKE[rows_B1, input_pos_BT] = k_BKTE.transpose(1, 2).to(k_cache_BSKE.dtype)
+        v_cache_BSKE[rows_B1, input_pos_BT] = v_BKTE.transpose(1, 2).to(v_cache_BSKE.dtype)
+        return k_cache_BSKE.transpose(1, 2), v_cache_BSKE.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -92,7 +95,7 @@ class Attention(nn.Module):
         q_BHTE = apply_rope(q_BHTE, rope.cos_BTE, rope.sin_BTE)
         k_BKTE = apply_rope(k_BKTE, rope.cos_BTE, rope.sin_BTE)
         if rope.input_pos_BT is not None and self.kv_cache is not None:
-            k_BKTE, v_BKTE = self.kv_cache.update(rope.input_pos_BT, k_BKTE, v_BKTE)
+            k_BKTE, v_BKTE = self.kv_cache.update(rope.input_pos_BT, k_BKTE, v_BKTE, rope.first_row)
         # CUDA's fused kernels take either a mask or grouped KV heads, not both (then SDPA falls back to
         # the math kernel, which materialises the scores): with a mask there, expand the KV heads first.
         expand_kv = rope.mask_B1TS is not None and q_BHTE.device.type == "cuda"
@@ -182,10 +185,17 @@ class RopeContext:
     """Per-call position data shared by every block: RoPE rows, cache positions and the attention mask."""
 
     def __init__(
-        self, cos_BTE: Tensor, sin_BTE: Tensor, input_pos_BT: Tensor | None, mask_B1TS: Tensor | None
+        self,
+        cos_BTE: Tensor,
+        sin_BTE: Tensor,
+        input_pos_BT: Tensor | None,
+        mask_B1TS: Tensor | None,
+        first_row: int = 0,
     ):
         self.cos_BTE, self.sin_BTE = cos_BTE, sin_BTE
         self.input_pos_BT, self.mask_B1TS = input_pos_BT, mask_B1TS
+        self.first_row = first_row
+        """Cache row of the call's first row: a call may cover any run of consecutive cache rows."""
 
 
 class MultiTokenLM(nn.Module):
@@ -244,11 +254,13 @@ class MultiTokenLM(nn.Module):
         *,
         rope_pos_BT: Tensor | None = None,
         mask_B1TS: Tensor | None = None,
+        first_row: int = 0,
     ) -> RopeContext:
         """Without input_pos: a plain causal pass from position 0. With it: per-row positions into the cache.
 
         By default a token's cache slot is also its RoPE position and it sees every slot up to its own.
         Tree drafts, whose sibling nodes share a position, give `rope_pos_BT` and `mask_B1TS` instead.
+        The call's rows are cache rows first_row, first_row + 1, ...
         """
         T = tokens_BT.shape[1]
         if input_pos_BT is None:
@@ -259,7 +271,7 @@ class MultiTokenLM(nn.Module):
         if mask_B1TS is None:
             key_pos_S = torch.arange(self.cache_len(), device=tokens_BT.device)
             mask_B1TS = key_pos_S.view(1, 1, 1, -1) <= input_pos_BT.unsqueeze(1).unsqueeze(-1)
-        return RopeContext(cos_BTE, sin_BTE, input_pos_BT, mask_B1TS)
+        return RopeContext(cos_BTE, sin_BTE, input_pos_BT, mask_B1TS, first_row)
 
     def attention_modules(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]

@@ -1,3 +1,6 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -7,6 +10,8 @@ HEAD_STYLES = ("transformer", "linear", "sequential")
 
 # Tiny models run fastest on one thread, and a shared machine's oversubscribed OpenMP threads spin.
 torch.set_num_threads(1)
+# Step costs measured by the adaptive decoding policy go to a throwaway cache, not the user's.
+os.environ.setdefault("MULTITOKEN_CACHE_DIR", tempfile.mkdtemp(prefix="multitoken-test-cache-"))
 
 
 def tiny_config(**overrides) -> ModelConfig:

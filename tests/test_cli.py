@@ -192,9 +192,11 @@ def test_bad_generation_input(trained_run, capsys, flags, message):
 def test_speculative_on_a_single_head_model_says_what_to_do(dataset, tmp_path, capsys):
     out = tmp_path / "n1"
     assert main(["train", "--data", str(dataset), *TRAIN, *QUIET, "--out", str(out)]) == 0
-    fails_with(
-        capsys, ["generate", "--checkpoint", str(out), "--prompt", "x", "--speculative"], "--no-speculative"
-    )
+    base = ["generate", "--checkpoint", str(out), "--prompt", "x", "--max-new-tokens", "2"]
+    fails_with(capsys, [*base, "--speculative", "on"], "--speculative on: this model has one head")
+    fails_with(capsys, [*base, "--speculative", "maybe"], "invalid choice: 'maybe'")
+    assert main([*base, "--no-speculative"]) == 0 and main([*base, "--speculative", "off"]) == 0
+    assert main([*base, "--speculative", "auto"]) == 0  # auto decodes plainly: nothing to draft with
 
 
 def test_missing_or_incomplete_checkpoint(trained_run, tmp_path, capsys):
@@ -222,7 +224,7 @@ def test_stop_strings_are_taken_whole(monkeypatch):
     import functools
     import importlib
 
-    generate_module = importlib.import_module("multitoken.generate")  # the package exports generate()
+    generate_module = importlib.import_module("multitoken.generate_cli")
     seen = {}
 
     @functools.wraps(generate_module.generate_cli)  # the same flags, without decoding anything

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_generate import PROMPTS, CharTokenizer, agreeing_model, first_repeat_free_token, serve_as_checkpoint
-from test_speculative import chi2_pvalue, exact_laws, generate_module, peaky, sample_counts
+from test_speculative import chi2_pvalue, decoding_module, exact_laws, peaky, sample_counts
 
 import multitoken.draft_tree as draft_tree_module
 from multitoken.draft_tree import (
@@ -20,7 +20,8 @@ from multitoken.draft_tree import (
     tree_positions,
 )
 from multitoken.errors import UserError
-from multitoken.generate import generate, generate_cli
+from multitoken.generate import generate
+from multitoken.generate_cli import generate_cli
 from multitoken.sampling import sample, sampling_probs
 
 from conftest import tiny_model
@@ -196,7 +197,7 @@ def test_generate_cli_draft_tree(monkeypatch, capsys, tmp_path):
     assert record["identical_to_plain"] and record["draft_offsets"] == [2, 3]
     assert record["drafts_proposed"][:2] == [3 * record["row_forwards"] - 3, 6 * record["row_forwards"] - 6]
     with pytest.raises(UserError, match="drop --no-speculative"):
-        generate_cli("ckpt", draft_tree="3,2", speculative=False, **args)
+        generate_cli("ckpt", draft_tree="3,2", speculative="off", **args)
 
 
 @pytest.mark.parametrize("style", ["transformer", "linear"])
@@ -219,7 +220,7 @@ def test_tree_sampling_law_check_rejects_a_wrong_sampler(monkeypatch):
         p_BV = sampling_probs(logits_BTV, params)[torch.arange(len(path_BP)), path_BP[:, -1]]
         return n_acc_B, path_BP, sample(p_BV, generator)  # bonus from p, ignoring rejected siblings
 
-    monkeypatch.setattr(generate_module, "accept_tree_sampled", no_residual)
+    monkeypatch.setattr(decoding_module, "accept_tree_sampled", no_residual)
     law12, _ = exact_laws(peaky())
     c12, _, _ = sample_counts(peaky(), True, draft_tree=DraftTree.from_widths([2, 2]))
     assert chi2_pvalue(c12, law12) < 1e-6

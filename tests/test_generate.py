@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from multitoken.errors import UserError
-from multitoken.generate import generate, generate_cli
+from multitoken.generate import generate
+from multitoken.generate_cli import generate_cli
 from multitoken.loss import multi_token_backward
 
 from conftest import HEAD_STYLES, tiny_model
@@ -190,9 +191,10 @@ def test_trained_model_accepts_drafts():
     model.eval()
     prompts = [stream[4 * i : 4 * i + 9].tolist() for i in range(4)]
     plain = generate(model, prompts, 24, speculative=False)
-    spec = generate(model, prompts, 24)
+    spec = generate(model, prompts, 24, speculative=True)
     assert spec.tokens == plain.tokens
     assert spec.stats.tokens_per_forward > 1.5
+    assert generate(model, prompts, 24).tokens == plain.tokens  # whatever plans the policy picks
 
 
 def serve_as_checkpoint(monkeypatch, model) -> None:
@@ -238,7 +240,9 @@ def test_compiled_decoding_step_matches_eager_and_is_reused():
     torch._dynamo.reset()
     model = tiny_model(3, n_future=2, head_style="linear", n_layers=2).eval()
     for prompts in (PROMPTS, [[7] * 9, [3, 1, 4, 1, 5], [2], [6, 6]]):
-        eager = generate(model, prompts, 12)
-        compiled = generate(model, prompts, 12, compile=True)
+        eager = generate(model, prompts, 12, speculative=True)
+        compiled = generate(model, prompts, 12, compile=True, speculative=True)
         assert compiled.tokens == eager.tokens
     assert counters["stats"]["unique_graphs"] == 1  # the cache length bucket kept the shapes static
+    adaptive = generate(model, PROMPTS, 12, compile=True)  # plans of other block sizes: more graphs
+    assert adaptive.tokens == generate(model, PROMPTS, 12, speculative=False).tokens

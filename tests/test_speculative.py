@@ -16,7 +16,7 @@ from multitoken.speculative import accept_greedy, draft_depth
 
 from conftest import tiny_model
 
-generate_module = importlib.import_module("multitoken.generate")
+decoding_module = importlib.import_module("multitoken.decoding")
 
 
 class OracleStub(nn.Module):
@@ -51,7 +51,7 @@ class OracleStub(nn.Module):
     def clear_caches(self):
         pass
 
-    def rope_context(self, tokens_BT, input_pos_BT):
+    def rope_context(self, tokens_BT, input_pos_BT, first_row=0):
         return SimpleNamespace(input_pos_BT=input_pos_BT)
 
     def trunk_forward(self, tokens_BT, rope):
@@ -114,20 +114,20 @@ def make_stub(rows, n_future, right_fn, head_style="transformer", S=64):
 def test_never_always_sometimes_accepted(style):
     never = make_stub(1, 3, lambda b, i, t: False, style)
     prompt = [never.seq_BS[0, :3].tolist()]
-    out = generate(never, prompt, 7)
+    out = generate(never, prompt, 7, speculative=True)
     assert out.tokens == [never.seq_BS[0, 3:10].tolist()]
     assert out.stats.forward_passes == 7 and out.stats.tokens_per_forward == 1.0
     assert out.stats.drafts_proposed == [5, 4] and out.stats.drafts_reached == [5, 0]
     assert out.stats.acceptance_per_head == [0.0, 0.0]
 
     always = make_stub(1, 3, lambda b, i, t: True, style)
-    out = generate(always, prompt, 7)
+    out = generate(always, prompt, 7, speculative=True)
     assert out.tokens == [always.seq_BS[0, 3:10].tolist()]
     assert out.stats.forward_passes == 3 and out.stats.tokens_per_forward == pytest.approx(7 / 3)
     assert out.stats.acceptance_per_head == [1.0, 1.0]
 
     second_only = make_stub(1, 3, lambda b, i, t: i == 1, style)  # offset-2 head right, offset-3 wrong
-    out = generate(second_only, prompt, 9)
+    out = generate(second_only, prompt, 9, speculative=True)
     assert out.tokens == [second_only.seq_BS[0, 3:12].tolist()]
     assert out.stats.forward_passes == 5 and out.stats.tokens_per_forward == pytest.approx(9 / 5)
     assert out.stats.drafts_reached == [4, 3] and out.stats.drafts_accepted == [4, 0]
@@ -141,7 +141,9 @@ def test_random_acceptance_matches_reference_simulation(style):
     table = torch.rand(4, 4, 64, generator=gen) < 0.6
     stub = make_stub(4, 4, lambda b, i, t: bool(table[b, i, t]), style)
     lengths, n_new = [3, 7, 1, 5], 13
-    out = generate(stub, [stub.seq_BS[b, :L].tolist() for b, L in enumerate(lengths)], n_new)
+    out = generate(
+        stub, [stub.seq_BS[b, :L].tolist() for b, L in enumerate(lengths)], n_new, speculative=True
+    )
     totals = [[0] * 3 for _ in range(3)]
     row_forwards = 0
     for b, L in enumerate(lengths):
@@ -161,7 +163,7 @@ def test_random_acceptance_matches_reference_simulation(style):
 def test_eos_inside_accepted_block_and_early_finishing_rows():
     stub = make_stub(3, 4, lambda b, i, t: True)
     stub.seq_BS[0, 6] = 1  # EOS as the 2nd token of row 0's first verified block
-    out = generate(stub, [stub.seq_BS[b, :3].tolist() for b in range(3)], 10, eos_id=1)
+    out = generate(stub, [stub.seq_BS[b, :3].tolist() for b in range(3)], 10, eos_id=1, speculative=True)
     assert out.tokens[0] == stub.seq_BS[0, 3:6].tolist() and out.finish_reasons[0] == "eos"
     for b in (1, 2):
         if 1 in stub.seq_BS[b, 3:13].tolist():
@@ -288,7 +290,7 @@ def test_sampling_law_check_rejects_a_wrong_sampler(monkeypatch):
         p_next_BV = p_BTV[torch.arange(len(n_drafts_B)), n_drafts_B]
         return n_drafts_B, sample(p_next_BV, generator)
 
-    monkeypatch.setattr(generate_module, "accept_sampled", accept_all)
+    monkeypatch.setattr(decoding_module, "accept_sampled", accept_all)
     law12, _ = exact_laws(peaky())
     c12, _, _ = sample_counts(peaky(), True)
     assert chi2_pvalue(c12, law12) < 1e-6

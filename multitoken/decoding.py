@@ -1,0 +1,517 @@
+"""Decoding steps over the rows of a static KV cache: prefill, then one verification step per draft plan.
+
+`generate()` drives these steps for a fixed batch; the server's scheduler drives the same functions for
+rows that join (a prefill into free cache rows) and leave (`DecodeBatch.keep_rows`) between steps. There
+is no other decoding code: every forward pass of generation happens here.
+
+A decoding step, for every live row at once:
+  1. draft: the drafting heads read the trunk output at the row's last committed position and propose
+     the tokens after the pending one (a chain of the first k heads, or the top guesses for a tree);
+  2. verify: one forward pass of the trunk and next-token head over [pending token, drafts...];
+  3. accept: the longest prefix of drafts that plain decoding would have produced (greedy), or that
+     speculative sampling keeps (sampled), and the next pending token after it;
+  4. commit: advance each row's position. A chain rolls back rejected drafts by not advancing;
+     a tree copies its accepted path's keys and values into place.
+
+Drafting is lazy: the drafting heads run only in steps that draft, and only the heads the plan uses.
+Heads with a KV cache of their own (transformer and sequential styles) first catch up on the positions
+committed since they last ran, from the trunk outputs kept in `h_hist_BSD`; at most CATCH_UP_WINDOW
+positions, so a long stretch of plain decoding leaves older positions of their caches stale, which can
+only make drafts worse, never change the output.
+
+Dimension letters: B rows, T block positions, G catch-up positions, D model width, V vocabulary,
+J drafting heads, R ranks, S cache slots.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from multitoken.draft_tree import (
+    TreeTensors,
+    accept_tree_greedy,
+    accept_tree_sampled,
+    commit_path,
+    tree_candidates,
+    tree_positions,
+)
+from multitoken.sampling import RowSampling, SamplingParams, choose
+from multitoken.speculative import accept_greedy, accept_sampled, draft_depth, propose_drafts
+
+CATCH_UP_WINDOW = 64
+"""Most positions a cached drafting head catches up on before it drafts again."""
+RANKS_TRACKED = 8
+"""Ranks of each drafting head's guesses whose hit rates a step reports (for tree plans)."""
+
+
+# ---- plans and records -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    """What one step verifies: nothing (plain), a chain of the first `n_drafts` heads, or a tree."""
+
+    n_drafts: int = 0
+    """Chain length; 0 is a plain step."""
+    tree: TreeTensors | None = None
+    """A tree of drafts instead of a chain (parallel heads only)."""
+    name: str = "plain"
+    """How stats name the plan: "plain", "chain2", "tree8", ..."""
+
+    @classmethod
+    def chain(cls, n_drafts: int) -> DraftPlan:
+        return cls(n_drafts, None, f"chain{n_drafts}" if n_drafts else "plain")
+
+    @classmethod
+    def of_tree(cls, tree: TreeTensors, name: str) -> DraftPlan:
+        return cls(len(tree.levels), tree, name)
+
+    @property
+    def n_heads(self) -> int:
+        """Drafting heads the plan reads (offsets 2 .. n_heads + 1)."""
+        return self.n_drafts
+
+    @property
+    def block(self) -> int:
+        """Positions verified per row: the pending token plus every draft (tree nodes included)."""
+        return 1 + (self.n_drafts if self.tree is None else int(self.tree.depth_T.shape[0]) - 1)
+
+
+@dataclass
+class StepRecord:
+    """What one step did, on the host: per row the tokens it committed, and counts for stats."""
+
+    plan: DraftPlan
+    tokens: list[list[int]]
+    """Per row: the tokens this step committed, in order (the accepted drafts, then the new pending
+    token); empty for rows given no budget."""
+    n_accepted: list[int]
+    """Per row: drafts accepted."""
+    reached_J: list[int] = field(default_factory=list)
+    """Per drafting head (depth 1..J of the plan): rows whose drafts up to that depth were all accepted."""
+    accepted_J: list[int] = field(default_factory=list)
+    """Per drafting head: rows that accepted the draft at that depth."""
+    proposed_J: list[int] = field(default_factory=list)
+    """Per drafting head: drafts placed in the block (a tree's nodes at that depth count each)."""
+    rank_hits_JR: list[list[int]] = field(default_factory=list)
+    """Per drafting head and rank r < RANKS_TRACKED: rows that reached the depth and whose right token
+    was the head's r-th guess (parallel heads; empty for sequential ones)."""
+    logits_BTV: Tensor | None = None
+    """Next-token logits behind each committed token, (B, n_accepted + 1, V) padded; with keep_logits."""
+
+
+# ---- the batch ---------------------------------------------------------------------------------------
+
+
+class DecodeBatch:
+    """Rows being decoded, one per KV-cache row, and the device state of each.
+
+    Row b is cache row b: its pending token `next_B[b]` (chosen, not yet in the cache) goes at position
+    `pos_B[b]`, the number of tokens committed to the cache. `h_hist_BSD` and `tok_hist_BS` keep the trunk
+    output and token at every committed position, which the drafting heads read when they draft.
+    `pos` and `synced` mirror positions on the host, so no step reads the device to size its blocks.
+    """
+
+    def __init__(
+        self,
+        model,
+        capacity: int,
+        cache_len: int,
+        *,
+        extra_slots: int = 0,
+        compile: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.model, self.capacity, self.cache_len = model, capacity, cache_len
+        self.device = next(model.parameters()).device
+        self.n_heads = draft_depth(model.config) - 1
+        self.cached_heads = model.config.head_style != "linear"
+        self.sequential = model.config.head_style == "sequential"
+        # Real positions stay below cache_len - 1: padding and finished rows write to that spare slot.
+        self.scratch = cache_len - 1
+        self.generator = generator
+        self.forward, self.forward_tree = _compiled_steps(self.device.type) if compile else _EAGER_STEPS
+        model.setup_caches(capacity, cache_len, extra_slots=extra_slots)
+        self.n_rows = 0
+        B, S, dev = capacity, cache_len + extra_slots, self.device
+        self.next_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.pos_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.tok_hist_BS = torch.zeros(B, S, dtype=torch.long, device=dev)
+        self.h_hist_BSD: Tensor | None = None  # allocated at the first prefill, in the trunk's dtype
+        self.synced_BJ = torch.zeros(B, max(self.n_heads, 1), dtype=torch.long, device=dev)
+        self.pos: list[int] = [0] * B
+        self.synced: list[list[int]] = [[0] * max(self.n_heads, 1) for _ in range(B)]
+        self.sampling: SamplingParams | RowSampling = SamplingParams()
+        """Shared settings (generate) or one per cache row (the server)."""
+        self.prefill_heads = self.n_heads > 0
+        """Run the cached drafting heads over prompts at prefill (off when the caller never drafts)."""
+
+    @functools.cached_property
+    def verify_attention(self) -> list:
+        """Attention layers of the trunk and the next-token head: the caches a verification pass writes."""
+        model = self.model
+        return [m for mod in (*model.trunk, model.heads[0]) for m in mod.modules() if hasattr(m, "kv_cache")]
+
+    def close(self) -> None:
+        """Free the KV caches."""
+        self.model.clear_caches()
+
+    def keep_rows(self, keep: Sequence[int]) -> None:
+        """Keep only the rows `keep`, in that order, as rows 0 .. len(keep) - 1 (their caches move too)."""
+        index_K = torch.tensor(list(keep), dtype=torch.long, device=self.device)
+        n = len(keep)
+        for attn in self.model.attention_modules():
+            cache = attn.kv_cache
+            cache.k_cache_BSKE[:n] = cache.k_cache_BSKE[index_K]
+            cache.v_cache_BSKE[:n] = cache.v_cache_BSKE[index_K]
+        for name in ("next_B", "pos_B", "tok_hist_BS", "h_hist_BSD", "synced_BJ"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                tensor[:n] = tensor[index_K]
+        self.pos[:n] = [self.pos[i] for i in keep]
+        self.synced[:n] = [list(self.synced[i]) for i in keep]
+        if isinstance(self.sampling, RowSampling):
+            self.sampling = self.sampling.rows(index_K)
+        self.n_rows = n
+
+
+# ---- forward passes (compiled together when asked) -----------------------------------------------------
+
+
+def _verify_forward(model, tokens_BT: Tensor, pos_BT: Tensor, first_row: int = 0):
+    """Trunk and next-token head over a block at per-row cache positions: (h_BTD, logits_BTV)."""
+    rope = model.rope_context(tokens_BT, pos_BT, first_row=first_row)
+    h_BTD = model.trunk_forward(tokens_BT, rope)
+    return h_BTD, model.logits(model.head_forward(0, h_BTD, rope))
+
+
+def _verify_tree(model, tokens_BT: Tensor, slots_BT: Tensor, rope_pos_BT: Tensor, mask_B1TS: Tensor):
+    """`_verify_forward` over a draft tree's nodes, each attending to its ancestors only."""
+    rope = model.rope_context(tokens_BT, slots_BT, rope_pos_BT=rope_pos_BT, mask_B1TS=mask_B1TS)
+    h_BTD = model.trunk_forward(tokens_BT, rope)
+    return h_BTD, model.logits(model.head_forward(0, h_BTD, rope))
+
+
+_EAGER_STEPS = (_verify_forward, _verify_tree)
+
+COMPILE_RECOMPILE_LIMIT = 64
+"""Compiled verification passes kept per process (each batch size, block size and cache length is one)."""
+
+
+@functools.cache
+def _compiled_steps(device_type: str):
+    """The verification passes compiled once per process, so repeated generate() calls reuse them.
+
+    On CUDA "reduce-overhead" replays the pass as a CUDA graph, as gpt-fast does; the static KV cache is
+    updated in place inside it. Shapes are static within a call (batch, block, cache length).
+    """
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    dynamo_config = torch._dynamo.config
+    # Named cache_size_limit before torch 2.7.
+    limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+
+    def compiled(step):
+        compiled_step = torch.compile(step, dynamic=False, fullgraph=True, mode=mode)
+
+        def run(*args):
+            with dynamo_config.patch({limit_name: COMPILE_RECOMPILE_LIMIT}):
+                return compiled_step(*args)
+
+        return run
+
+    return compiled(_verify_forward), compiled(_verify_tree)
+
+
+# ---- prefill -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def prefill(
+    batch: DecodeBatch,
+    chunks: Sequence[Sequence[int]],
+    *,
+    first_row: int = 0,
+    start: Sequence[int] | None = None,
+    final: bool = True,
+    keep_logits: bool = False,
+) -> StepRecord | None:
+    """Write prompt tokens into cache rows first_row, first_row + 1, ...; choose each row's first token.
+
+    Row i receives `chunks[i]` at positions start[i] .. (0 by default). A long prompt can come in several
+    calls (chunked prefill, so running rows keep decoding in between); only the `final` call chooses the
+    first new token, from the next-token head at the prompt's last position, and returns its record.
+    Rows of different lengths are padded, the padding written to the spare slot.
+    """
+    model, dev = batch.model, batch.device
+    B = len(chunks)
+    starts = list(start) if start is not None else [0] * B
+    lengths = [len(c) for c in chunks]
+    longest = max(lengths)
+    tokens_BT = torch.zeros(B, longest, dtype=torch.long, device=dev)
+    for b, chunk in enumerate(chunks):
+        tokens_BT[b, : lengths[b]] = torch.tensor(list(chunk), dtype=torch.long)
+    arange_T = torch.arange(longest, device=dev)
+    start_B = torch.tensor(starts, device=dev)
+    length_B = torch.tensor(lengths, device=dev)
+    pos_BT = torch.where(arange_T < length_B.unsqueeze(1), start_B.unsqueeze(1) + arange_T, batch.scratch)
+    rows = slice(first_row, first_row + B)
+    h_BTD, logits_BTV = _verify_forward(model, tokens_BT, pos_BT, first_row)
+    if batch.h_hist_BSD is None:
+        shape = (batch.capacity, batch.tok_hist_BS.shape[1], h_BTD.shape[-1])
+        batch.h_hist_BSD = torch.zeros(shape, dtype=h_BTD.dtype, device=dev)
+    rows_B1 = torch.arange(B, device=dev).unsqueeze(1)
+    batch.h_hist_BSD[rows][rows_B1, pos_BT] = h_BTD
+    batch.tok_hist_BS[rows][rows_B1, pos_BT] = tokens_BT
+    batch.pos_B[rows] = start_B + length_B
+    for b in range(B):
+        batch.pos[first_row + b] = starts[b] + lengths[b]
+        if starts[b] == 0:  # a new row: its drafting heads have seen nothing yet
+            batch.synced[first_row + b] = [0] * batch.synced_BJ.shape[1]
+            batch.synced_BJ[first_row + b] = 0
+    sampling = batch.sampling
+    if isinstance(sampling, RowSampling):
+        sampling = sampling.rows(rows)
+    rows_B = torch.arange(B, device=dev)
+    last_logits_BV = logits_BTV[rows_B, length_B - 1]
+    next_B = choose(last_logits_BV, sampling, batch.generator)[0] if final else None
+    if batch.prefill_heads and batch.cached_heads and batch.n_heads and (final or not batch.sequential):
+        # Fill the cached drafting heads' KV caches over the prompt now, in one batched pass.
+        rope = model.rope_context(tokens_BT, pos_BT, first_row=first_row)
+        if batch.sequential:
+            propose_drafts(
+                model,
+                h_BTD,
+                rope,
+                tokens_BT,
+                length_B - 1,
+                next_B,
+                batch.n_heads + 1,
+                sampling,
+                batch.generator,
+            )
+        else:
+            for i in range(1, batch.n_heads + 1):
+                model.head_forward(i, h_BTD, rope)
+        for b in range(B):
+            batch.synced[first_row + b] = [batch.pos[first_row + b]] * batch.n_heads
+        batch.synced_BJ[rows] = batch.pos_B[rows].unsqueeze(1)
+    if not final:
+        return None
+    batch.next_B[rows] = next_B
+    tokens = [[t] for t in next_B.tolist()]
+    return StepRecord(
+        DraftPlan(),
+        tokens,
+        [0] * B,
+        logits_BTV=last_logits_BV.unsqueeze(1) if keep_logits else None,
+    )
+
+
+# ---- drafting ----------------------------------------------------------------------------------------
+
+
+def _catch_up_block(batch: DecodeBatch, n_heads: int, n: int):
+    """Positions each row's first `n_heads` drafting heads must (re)read: (pos_BG, last_B, G).
+
+    Linear heads have no cache and read the last committed position only. Cached heads read every
+    position since the slowest of them last ran (at most CATCH_UP_WINDOW); the last committed position
+    is always included, since it is the one that drafts.
+    """
+    if not batch.cached_heads:
+        starts = [p - 1 for p in batch.pos[:n]]
+    else:
+        starts = [
+            max(min(min(synced[:n_heads]), p - 1), p - CATCH_UP_WINDOW)
+            for synced, p in zip(batch.synced[:n], batch.pos[:n], strict=True)
+        ]
+    G = max(p - s for p, s in zip(batch.pos[:n], starts, strict=True))
+    start_B = torch.tensor(starts, device=batch.device)
+    pos_BG = start_B.unsqueeze(1) + torch.arange(G, device=batch.device)
+    valid_BG = pos_BG < batch.pos_B[:n].unsqueeze(1)
+    pos_BG = torch.where(valid_BG, pos_BG, batch.scratch)
+    last_B = batch.pos_B[:n] - 1 - start_B
+    return pos_BG, last_B, G
+
+
+def _draft(batch: DecodeBatch, plan: DraftPlan, n: int, sampling):
+    """(drafts_BJ, q_BJV, draft_logits_BJV) for the plan, from each row's last committed position.
+
+    Parallel heads give logits (a chain picks from them, a tree takes their top ranks); sequential heads
+    draft as a chain, each head fed the previous one's choice.
+    """
+    model, k = batch.model, plan.n_heads
+    pos_BG, last_B, _ = _catch_up_block(batch, k, n)
+    rows_B1 = torch.arange(n, device=batch.device).unsqueeze(1)
+    h_BGD = batch.h_hist_BSD[:n][rows_B1, pos_BG]
+    tokens_BG = batch.tok_hist_BS[:n][rows_B1, pos_BG]
+    rope = model.rope_context(tokens_BG, pos_BG) if batch.cached_heads else None
+    for b in range(n):
+        batch.synced[b][:k] = [batch.pos[b]] * k
+    batch.synced_BJ[:n, :k] = batch.pos_B[:n].unsqueeze(1)
+    if batch.sequential:
+        drafts_BJ, q_BJV = propose_drafts(
+            model, h_BGD, rope, tokens_BG, last_B, batch.next_B[:n], k + 1, sampling, batch.generator
+        )
+        return drafts_BJ, q_BJV, None
+    rows_B = rows_B1.squeeze(1)
+    z_BJD = torch.stack([model.head_forward(i, h_BGD, rope)[rows_B, last_B] for i in range(1, k + 1)], 1)
+    logits_BJV = model.logits(z_BJD)
+    if plan.tree is not None:
+        return None, None, logits_BJV
+    drafts_X, q_XV = choose(logits_BJV.flatten(0, 1), _per_draft(sampling, k), batch.generator)
+    q_BJV = None if q_XV is None else q_XV.view(n, k, -1)
+    return drafts_X.view(n, k), q_BJV, logits_BJV
+
+
+def _per_draft(sampling, k: int):
+    """Row sampling settings repeated for each of a row's k drafts (flattened row-major)."""
+    if isinstance(sampling, RowSampling):
+        return sampling.rows(torch.arange(len(sampling.temperature_B)).repeat_interleave(k))
+    return sampling
+
+
+def _rank_hits(logits_BJV: Tensor, truth_BJ: Tensor, reached_BJ: Tensor) -> Tensor:
+    """(J, R) counts of rows that reached depth j and whose right token was head j's r-th guess."""
+    R = min(RANKS_TRACKED, logits_BJV.shape[-1])
+    top_BJR = logits_BJV.topk(R, dim=-1).indices
+    hit_BJR = (top_BJR == truth_BJ.unsqueeze(-1)) & reached_BJ.unsqueeze(-1)
+    return hit_BJR.sum(0)
+
+
+# ---- one decoding step --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def decode_step(
+    batch: DecodeBatch, plan: DraftPlan, budget: Sequence[int], *, keep_logits: bool = False
+) -> StepRecord:
+    """One step of rows 0 .. len(budget) - 1 under `plan`; row b may commit at most budget[b] tokens.
+
+    A row with budget 0 (finished, or waiting) is fed to the spare slot and left unchanged. Every step
+    makes one device-to-host copy.
+    """
+    if plan.tree is not None:
+        return _tree_step(batch, plan, budget, keep_logits)
+    n, dev, model = len(budget), batch.device, batch.model
+    sampling = batch.sampling.rows(slice(0, n)) if isinstance(batch.sampling, RowSampling) else batch.sampling
+    k = plan.n_drafts
+    n_block_B = torch.tensor([min(k + 1, r) for r in budget], device=dev)
+    next_B, pos_B = batch.next_B[:n], batch.pos_B[:n]
+    if k:
+        drafts_BJ, q_BJV, draft_logits_BJV = _draft(batch, plan, n, sampling)
+        block_BT = torch.cat([next_B.unsqueeze(1), drafts_BJ], dim=1)
+    else:
+        drafts_BJ, q_BJV, draft_logits_BJV = next_B.new_zeros(n, 0), None, None
+        block_BT = next_B.unsqueeze(1)
+    arange_T = torch.arange(k + 1, device=dev)
+    pos_BT = torch.where(arange_T < n_block_B.unsqueeze(1), pos_B.unsqueeze(1) + arange_T, batch.scratch)
+    h_BTD, logits_BTV = batch.forward(model, block_BT, pos_BT)
+    n_drafts_B = (n_block_B - 1).clamp(min=0)
+    if sampling.greedy:
+        n_acc_B, bonus_B = accept_greedy(logits_BTV, drafts_BJ, n_drafts_B)
+    else:
+        n_acc_B, bonus_B = accept_sampled(logits_BTV, drafts_BJ, q_BJV, n_drafts_B, sampling, batch.generator)
+    rows_B1 = torch.arange(n, device=dev).unsqueeze(1)
+    batch.h_hist_BSD[:n][rows_B1, pos_BT] = h_BTD.to(batch.h_hist_BSD.dtype)
+    batch.tok_hist_BS[:n][rows_B1, pos_BT] = block_BT
+    active_B = n_block_B > 0
+    batch.pos_B[:n] = pos_B + (n_acc_B + 1) * active_B
+    batch.next_B[:n] = torch.where(active_B, bonus_B, next_B)
+    host = [n_acc_B, bonus_B, drafts_BJ]
+    counts = None
+    if k:
+        depth_J = torch.arange(1, k + 1, device=dev)
+        proposed_BJ = depth_J <= n_drafts_B.unsqueeze(1)
+        reached_BJ = proposed_BJ & (depth_J <= n_acc_B.unsqueeze(1) + 1)
+        accepted_BJ = depth_J <= n_acc_B.unsqueeze(1)
+        counts = [proposed_BJ.sum(0), reached_BJ.sum(0), accepted_BJ.sum(0)]
+        if draft_logits_BJV is not None:
+            # The right token at each depth: the accepted drafts, then the bonus.
+            truth_BJ = torch.where(accepted_BJ, drafts_BJ, bonus_B.unsqueeze(1))
+            counts.append(_rank_hits(draft_logits_BJV, truth_BJ, reached_BJ).flatten())
+    return _record(batch, plan, budget, host, counts, logits_BTV if keep_logits else None)
+
+
+def _tree_step(batch: DecodeBatch, plan: DraftPlan, budget: Sequence[int], keep_logits: bool) -> StepRecord:
+    n, dev, model, tree = len(budget), batch.device, batch.model, plan.tree
+    sampling = batch.sampling.rows(slice(0, n)) if isinstance(batch.sampling, RowSampling) else batch.sampling
+    depth = len(tree.levels)
+    n_block_B = torch.tensor([min(depth + 1, r) for r in budget], device=dev)
+    n_drafts_B = (n_block_B - 1).clamp(min=0)
+    _, _, draft_logits_BJV = _draft(batch, plan, n, sampling)
+    next_B, pos_B = batch.next_B[:n], batch.pos_B[:n]
+    nodes_BT = tree_candidates(next_B, draft_logits_BJV, tree)
+    placement = tree_positions(pos_B, tree, model.cache_len(), model.config.max_seq_len)
+    h_BTD, logits_BTV = batch.forward_tree(model, nodes_BT, *placement)
+    if sampling.greedy:
+        n_acc_B, path_BP, bonus_B = accept_tree_greedy(logits_BTV, nodes_BT, n_drafts_B, tree)
+    else:
+        n_acc_B, path_BP, bonus_B = accept_tree_sampled(
+            logits_BTV, nodes_BT, n_drafts_B, tree, sampling, batch.generator
+        )
+    commit_path(model, pos_B, path_BP, batch.verify_attention)
+    rows_B1 = torch.arange(n, device=dev).unsqueeze(1)
+    active_B = n_block_B > 0
+    # The accepted path's trunk outputs and tokens, at the positions it now holds.
+    path_pos_BP = pos_B.unsqueeze(1) + torch.arange(depth + 1, device=dev)
+    path_pos_BP = torch.where(active_B.unsqueeze(1), path_pos_BP, batch.scratch)
+    batch.h_hist_BSD[:n][rows_B1, path_pos_BP] = h_BTD[rows_B1, path_BP].to(batch.h_hist_BSD.dtype)
+    path_tokens_BP = nodes_BT.gather(1, path_BP)
+    batch.tok_hist_BS[:n][rows_B1, path_pos_BP] = path_tokens_BP
+    # Finished rows keep their length, so their scratch nodes stay inside the cache.
+    batch.pos_B[:n] = pos_B + (n_acc_B + 1) * active_B
+    batch.next_B[:n] = torch.where(active_B, bonus_B, next_B)
+    candidates_BJ = path_tokens_BP[:, 1:]
+    depth_J = torch.arange(1, depth + 1, device=dev)
+    per_depth_J = torch.tensor([len(level) for level in tree.levels], device=dev)
+    drafted_BJ = depth_J <= n_drafts_B.unsqueeze(1)
+    reached_BJ = drafted_BJ & (depth_J <= n_acc_B.unsqueeze(1) + 1)
+    accepted_BJ = depth_J <= n_acc_B.unsqueeze(1)
+    truth_BJ = torch.where(accepted_BJ, candidates_BJ, bonus_B.unsqueeze(1))
+    counts = [
+        (drafted_BJ * per_depth_J).sum(0),
+        reached_BJ.sum(0),
+        accepted_BJ.sum(0),
+        _rank_hits(draft_logits_BJV, truth_BJ, reached_BJ).flatten(),
+    ]
+    step_logits_BTV = logits_BTV[rows_B1, path_BP] if keep_logits else None
+    return _record(batch, plan, budget, [n_acc_B, bonus_B, candidates_BJ], counts, step_logits_BTV)
+
+
+def _record(batch, plan, budget, host, counts, logits_BTV) -> StepRecord:
+    """The step's one device-to-host copy, and the host-side bookkeeping it feeds."""
+    n_acc_B, bonus_B, candidates_BJ = host
+    n, k = len(budget), candidates_BJ.shape[1]
+    flat = torch.cat([n_acc_B, bonus_B, candidates_BJ.flatten(), *(c.flatten() for c in counts or [])])
+    values = flat.long().tolist()
+    n_acc, bonus, candidates = values[:n], values[n : 2 * n], values[2 * n : 2 * n + n * k]
+    tokens, n_accepted = [], []
+    for b in range(n):
+        if budget[b] <= 0:
+            tokens.append([])
+            n_accepted.append(0)
+            continue
+        tokens.append([*candidates[b * k : b * k + n_acc[b]], bonus[b]])
+        n_accepted.append(n_acc[b])
+        batch.pos[b] += n_acc[b] + 1
+    record = StepRecord(plan, tokens, n_accepted, logits_BTV=logits_BTV)
+    if counts:
+        tail = values[2 * n + n * k :]
+        record.proposed_J, record.reached_J, record.accepted_J = (
+            tail[:k],
+            tail[k : 2 * k],
+            tail[2 * k : 3 * k],
+        )
+        ranks = tail[3 * k :]
+        if ranks:
+            R = len(ranks) // k
+            record.rank_hits_JR = [ranks[j * R : (j + 1) * R] for j in range(k)]
+    return record
+
+
+__all__ = ["CATCH_UP_WINDOW", "DecodeBatch", "DraftPlan", "StepRecord", "decode_step", "prefill"]

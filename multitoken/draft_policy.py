@@ -1,0 +1,205 @@
+"""Adaptive speculation: each step, the draft plan with the most expected tokens per second.
+
+The candidates are plain decoding, a chain of the first k drafting heads (k = 1 .. J), and, for
+parallel heads, sparse draft trees of a few sizes. A plan's value is
+
+    expected tokens per step / seconds per step,
+
+the seconds from `StepCosts` (measured on this machine), the expected tokens from running acceptance
+statistics, decayed so that a change of text is followed within tens of steps:
+
+    chain of k drafts:  1 + sum_{j=1..k} prod_{d<=j} a_d          a_d = P(draft d accepted | d reached)
+    tree:               1 + sum_{nodes} prod_{d} h_{d, r_d}        h_{d,r} = P(the head's r-th guess is
+                                                                            right | depth d reached)
+
+(the tree formula assumes the heads err independently, as Medusa's sparse trees do). When plain
+decoding wins, the policy still probes now and then with the deepest chain, at intervals that double
+while probing finds nothing (up to MAX_PROBE_INTERVAL steps), so drafting resumes when drafts become
+useful. Every plan is lossless, so the choice changes speed only, never the output.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from multitoken.decoding import RANKS_TRACKED, DraftPlan, StepRecord
+from multitoken.draft_tree import DraftTree, sparse_tree
+from multitoken.step_costs import StepCosts
+
+DECAY = 0.9
+"""Weight the statistics keep per step: about the last 10 steps' worth of rows count."""
+PRIOR_RATE = 0.5
+"""Acceptance assumed before anything is observed (worth PRIOR_WEIGHT rows)."""
+PRIOR_WEIGHT = 2.0
+FIRST_PROBE_INTERVAL = 8
+MAX_PROBE_INTERVAL = 256
+TREE_SIZES = (4, 8, 16)
+"""Non-root nodes of the sparse trees considered."""
+TREE_REFRESH_STEPS = 16
+"""Steps between rebuilds of the sparse trees from the rank statistics."""
+
+
+@dataclass
+class AcceptanceStats:
+    """Decayed counts: per depth, rows that reached it and rows whose draft was accepted there."""
+
+    n_heads: int
+    chain_reached: list[float] = field(default_factory=list)
+    chain_accepted: list[float] = field(default_factory=list)
+    rank_reached: list[float] = field(default_factory=list)
+    rank_hits: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        J = self.n_heads
+        self.chain_reached, self.chain_accepted = [0.0] * J, [0.0] * J
+        self.rank_reached, self.rank_hits = [0.0] * J, [[0.0] * RANKS_TRACKED for _ in range(J)]
+
+    def decay(self) -> None:
+        for values in (self.chain_reached, self.chain_accepted, self.rank_reached, *self.rank_hits):
+            values[:] = [v * DECAY for v in values]
+
+    def add(self, record: StepRecord) -> None:
+        if record.plan.tree is None:
+            for d, (reached, accepted) in enumerate(zip(record.reached_J, record.accepted_J, strict=True)):
+                self.chain_reached[d] += reached
+                self.chain_accepted[d] += accepted
+        for d, hits in enumerate(record.rank_hits_JR):
+            self.rank_reached[d] += record.reached_J[d]
+            for r, h in enumerate(hits):
+                self.rank_hits[d][r] += h
+
+    def chain_rates(self) -> list[float]:
+        """a_d: acceptance of the chain draft at depth d given the drafts before it were accepted."""
+        rates = []
+        for d in range(self.n_heads):
+            if self.rank_reached[d] > self.chain_reached[d]:  # rank-0 hits measure the same thing
+                hits, reached = self.rank_hits[d][0], self.rank_reached[d]
+            else:
+                hits, reached = self.chain_accepted[d], self.chain_reached[d]
+            rates.append((hits + PRIOR_RATE * PRIOR_WEIGHT) / (reached + PRIOR_WEIGHT))
+        return rates
+
+    def rank_rates(self) -> list[list[float]]:
+        """h_{d,r}: the r-th guess of the head at depth d is right, given depth d was reached."""
+        return [
+            [
+                (h + (PRIOR_RATE * PRIOR_WEIGHT if r == 0 else 0.0)) / (self.rank_reached[d] + PRIOR_WEIGHT)
+                for r, h in enumerate(self.rank_hits[d])
+            ]
+            for d in range(self.n_heads)
+        ]
+
+
+def expected_chain_tokens(rates: Sequence[float], n_drafts: int) -> float:
+    """1 + sum_{j<=k} prod_{d<=j} a_d: tokens a row gains per step from a chain of k drafts."""
+    total, survive = 1.0, 1.0
+    for a in rates[:n_drafts]:
+        survive *= a
+        total += survive
+    return total
+
+
+def expected_tree_tokens(rank_rates: Sequence[Sequence[float]], tree: DraftTree) -> float:
+    """1 + sum over nodes of the product of its ranks' hit rates."""
+    total = 1.0
+    for path in tree.paths:
+        p = 1.0
+        for d, r in enumerate(path):
+            p *= rank_rates[d][r] if r < len(rank_rates[d]) else 0.0
+        total += p
+    return total
+
+
+class DraftPolicy:
+    """Picks each step's plan; `observe` feeds it the step's record and measured time."""
+
+    def __init__(self, n_heads: int, costs: StepCosts, *, trees: bool, device, vocab_size: int) -> None:
+        self.n_heads, self.costs, self.trees, self.device = n_heads, costs, trees, device
+        self.n_ranks = min(RANKS_TRACKED, vocab_size)
+        self.stats = AcceptanceStats(n_heads)
+        self.chains = [DraftPlan.chain(k) for k in range(n_heads + 1)]
+        self.tree_plans: list[tuple[DraftTree, DraftPlan]] = []
+        self._tree_cache: dict[tuple, DraftPlan] = {}
+        self.steps = 0
+        self.probe_interval = FIRST_PROBE_INTERVAL
+        self.steps_since_drafting = 0
+        self.probing = False
+        self.plan_counts: Counter[str] = Counter()
+        self.calibration_seconds = 0.0
+        """Seconds spent measuring step costs when this policy was made (0 when they were cached)."""
+
+    def candidate_plans(self) -> list[DraftPlan]:
+        """Every plan whose cost must be known: plain, each chain, and trees of each size."""
+        plans = list(self.chains)
+        if self.trees and self.n_heads:
+            # Stand-ins of each size for timing: what heads right 60% of the time at rank 0 would give.
+            stand_in = [[0.6 * 0.5**r for r in range(self.n_ranks)] for _ in range(self.n_heads)]
+            for size in TREE_SIZES:
+                tree = sparse_tree(stand_in, size)
+                plans.append(DraftPlan.of_tree(tree.tensors(self.device), f"tree{size}"))
+        return plans
+
+    def _refresh_trees(self) -> None:
+        rates = [row[: self.n_ranks] for row in self.stats.rank_rates()]
+        self.tree_plans = []
+        for size in TREE_SIZES:
+            tree = sparse_tree(rates, size)
+            key = tree.paths
+            if key not in self._tree_cache:
+                self._tree_cache[key] = DraftPlan.of_tree(tree.tensors(self.device), f"tree{size}")
+            self.tree_plans.append((tree, self._tree_cache[key]))
+
+    def values(self, batch_size: int) -> dict[str, tuple[float, DraftPlan]]:
+        """Expected tokens per second of each plan whose cost is known."""
+        rates = self.stats.chain_rates()
+        out = {}
+        for plan in self.chains:
+            seconds = self.costs.seconds(plan.name, batch_size)
+            if seconds:
+                out[plan.name] = (expected_chain_tokens(rates, plan.n_drafts) / seconds, plan)
+        if self.tree_plans:
+            rank_rates = self.stats.rank_rates()
+            for tree, plan in self.tree_plans:
+                seconds = self.costs.seconds(plan.name, batch_size)
+                if seconds:
+                    out[plan.name] = (expected_tree_tokens(rank_rates, tree) / seconds, plan)
+        return out
+
+    def choose(self, batch_size: int) -> DraftPlan:
+        if self.trees and self.n_heads and self.steps % TREE_REFRESH_STEPS == 0:
+            self._refresh_trees()
+        self.steps += 1
+        values = self.values(batch_size)
+        best = max(values.values(), key=lambda v: v[0])[1] if values else self.chains[-1]
+        self.probing = False
+        if best.n_heads < self.n_heads:
+            self.steps_since_drafting += 1
+            if self.steps_since_drafting >= self.probe_interval:
+                best, self.probing = self.chains[-1], True
+                self.steps_since_drafting = 0
+        else:
+            self.steps_since_drafting = 0
+            self.probe_interval = FIRST_PROBE_INTERVAL
+        self.plan_counts[best.name] += 1
+        return best
+
+    def observe(self, record: StepRecord, seconds: float | None, batch_size: int) -> None:
+        self.stats.decay()
+        self.stats.add(record)
+        if seconds is not None:
+            self.costs.observe(record.plan.name, batch_size, seconds)
+        if self.probing:
+            # Probing found nothing worth drafting: wait twice as long before the next probe.
+            values = self.values(batch_size)
+            if values and max(values.values(), key=lambda v: v[0])[1].n_heads < self.n_heads:
+                self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
+
+
+__all__ = [
+    "AcceptanceStats",
+    "DraftPolicy",
+    "expected_chain_tokens",
+    "expected_tree_tokens",
+]
