@@ -511,3 +511,16 @@ def test_a_moved_run_resumes_where_it_now_lives(good_run, tmp_path, capsys):
     assert main(["train", "--out", str(moved), "--resume", "--max-steps", "3", *QUIET]) == 0
     assert json.loads((moved / "train_config.json").read_text())["out"] == str(moved)
     assert (moved / "checkpoints" / "step_000003").is_dir()
+
+
+@pytest.mark.parametrize("kind", ["empty", "blank-lines", "garbage", "non-utf8", "a-folder"])
+def test_a_bad_prompt_file(good_run, tmp_path, capsys, kind):
+    path = tmp_path / "prompts.txt"
+    if kind == "a-folder":
+        path.mkdir()
+    else:
+        path.write_bytes(
+            {"empty": b"", "blank-lines": b"\n  \n", "garbage": GARBAGE, "non-utf8": b"def f(\xff\n"}[kind]
+        )
+    argv = ["generate", "--checkpoint", str(good_run), "--prompt-file", str(path), "--max-new-tokens", "2"]
+    refused(capsys, argv, tmp_path, good_run)
