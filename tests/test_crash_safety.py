@@ -60,62 +60,45 @@ def wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: f
         time.sleep(0.005)
 
 
-def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_losses(dataset, tmp_path):
-    """Kill the run twice, at whatever it was doing (a step, a log write, a save), resume each time; every
-    loss equals a run that was never interrupted."""
-    steps = 12
-    reference = tmp_path / "reference"
-    train(debug_config(dataset, reference, max_steps=steps, save_every=2))
-    expected = {m["step"]: m["loss"] for m in read_metrics(reference)}
-
-    out = tmp_path / "killed"
-    metrics = out / "metrics.jsonl"
-    kills = 0
-    for kill_after in (3, 7):
-        resume = ["--resume"] if (out / "checkpoints").exists() else []
-        process = subprocess.Popen(
-            cli_train(dataset, out, "--max-steps", str(steps), "--save-every", "2", *resume),
-            env=child_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        wait_for_lines(metrics, kill_after, process)
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            kills += 1
-        _, err = process.communicate(timeout=60)
-        assert b"Traceback" not in err, err.decode()
-    assert kills >= 2  # the run really died mid-flight
-    finish = subprocess.run(
-        cli_train(dataset, out, "--max-steps", str(steps), "--resume"),
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert finish.returncode == 0, finish.stderr
-    got = {m["step"]: m["loss"] for m in read_metrics(out)}
-    assert got == expected
-    assert not list((out / "checkpoints").glob(".tmp-*"))
-
-
-def test_a_second_signal_stops_at_once(dataset, tmp_path):
-    out = tmp_path / "run"
+def interrupt(dataset: Path, out: Path, steps: int, after_lines: int, *signals: int) -> tuple[int, str]:
+    """Start (or resume) the run in a child process, send `signals` once `after_lines` metrics are logged."""
+    resume = ["--resume"] if (out / "checkpoints").exists() else []
     process = subprocess.Popen(
-        cli_train(dataset, out, "--max-steps", "100000", "--save-every", "0"),
+        cli_train(dataset, out, "--max-steps", str(steps), "--save-every", "2", *resume),
         env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for_lines(out / "metrics.jsonl", 2, process)
-    process.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, save, stop
-    process.send_signal(signal.SIGTERM)  # and then a kill: now (two SIGINTs back to back would merge)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    wait_for_lines(out / "metrics.jsonl", after_lines, process)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    for sig in signals:
+        process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
+
+
+def test_killed_and_doubly_interrupted_runs_resume_to_the_uninterrupted_losses(dataset, tmp_path, capsys):
+    """A second signal stops the run at once; a kill -9 stops it wherever it was (a step, a log write, a
+    save). Each time it resumes, and every loss equals that of a run that was never interrupted."""
+    steps = 12
+    reference = tmp_path / "reference"
+    train(debug_config(dataset, reference, max_steps=steps, save_every=2))
+    expected = {m["step"]: m["loss"] for m in read_metrics(reference)}
+
+    out = tmp_path / "interrupted"
+    # Ctrl-C asks for a save at the end of the step; a SIGTERM right behind it stops at once. (Two SIGINTs
+    # sent back to back would merge into one.)
+    code, err = interrupt(dataset, out, steps, 3, signal.SIGINT, signal.SIGTERM)
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "stopped at once by a second SIGTERM" in lines[0], err
-    assert "no checkpoint was saved" in lines[0]
+    assert code == 130 and len(lines) == 1, err
+    assert "stopped at once by a second SIGTERM" in lines[0] and "the last checkpoint is" in lines[0], err
+    code, err = interrupt(dataset, out, steps, 7, signal.SIGKILL)
+    assert code == -signal.SIGKILL and "Traceback" not in err, err
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", str(steps), *QUIET]) == 0
+    got = {m["step"]: m["loss"] for m in read_metrics(out)}
+    assert got == expected
+    assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
 def test_a_full_disk_during_a_save_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch, capsys):
