@@ -25,7 +25,8 @@ demo: $(STAMP)
 	rm -rf $(DEMO_RUN)
 	$(MT) train --data $(DEMO_DATA) --preset tiny --n-future 4 --head-style linear --seq-len 128 \
 		--batch-size 4 --max-steps 1500 --warmup-steps 50 --lr 3e-3 --val-every 500 --save-every 500 --out $(DEMO_RUN)
-	$(MT) generate --checkpoint $(DEMO_RUN) --prompt "def fibonacci(n):" --max-new-tokens 100 --stats --compare-plain
+	$(MT) generate --checkpoint $(DEMO_RUN) --prompts-from-data $(DEMO_DATA) --n-prompts 10 --max-new-tokens 128 \
+		--stats --compare-plain
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" tests

@@ -1,25 +1,30 @@
 """Decoding speed: plain vs self-speculative greedy decoding, and ours vs `transformers` generate().
 
-    python benchmarks/decode.py --checkpoint runs/demo --batch-sizes 1,8,32
+    python benchmarks/decode.py --checkpoint runs/demo --code-prompts-from data/stdlib-demo --batch-sizes 1,8,32
     python benchmarks/decode.py --preset debug --max-new-tokens 32        # random weights, seconds
     python benchmarks/decode.py --checkpoint runs/demo --draft-trees "3;4,2" \
         --sparse-trees 8,16 --calibrate-data data/stdlib-demo                # chains against draft trees
 
 Every ratio is measured side by side in one run: the repeats alternate between the methods, and each
-figure is the median of the repeats. Prints a markdown table.
+figure is the median of the repeats. "auto" is the default decoding (`speculative=None`: the adaptive
+draft policy); "chain" always drafts with every head. The step-cost table times single decoding steps
+of each plan against a plain step. Prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import time
 
 import torch
+from common import sync
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from multitoken.config import preset_config
+from multitoken.data.prompts import val_code_prompts
+from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
 from multitoken.draft_tree import DraftTree, measure_rank_accuracy, sparse_tree
 from multitoken.generate import cache_length, generate
 from multitoken.model import Attention, MultiTokenLM
@@ -53,6 +58,14 @@ def parse_args() -> argparse.Namespace:
         help="torch.compile the decoding step (inductor on CPU, CUDA graphs on GPU)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: time this process's CPU use, which other jobs on a shared machine do not inflate "
+        "(use with --threads 1 on CPU)",
+    )
     parser.add_argument(
         "--draft-trees",
         default="",
@@ -107,30 +120,28 @@ def read_prompt_texts(args) -> list[str]:
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
             return [line for line in f.read().splitlines() if line.strip()]
-    from multitoken.data.loader import TokenDataset
-
-    data = TokenDataset(args.code_prompts_from, split="val")
-    text = data.tokenizer().decode(data.window(0, len(data)).tolist())
-    headers = list(dict.fromkeys(re.findall(r"^def \w+\(", text, flags=re.MULTILINE)))
-    return headers[: max(int(b) for b in args.batch_sizes.split(","))]
+    return val_code_prompts(args.code_prompts_from, max(int(b) for b in args.batch_sizes.split(",")))
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""`--clock cpu` times this process's CPU use (with one thread: its own work, not other jobs')."""
 
 
-def timed(fn, device: str):
+def timed(fn, device: str, clock: str = "wall"):
     sync(device)
-    start = time.perf_counter()
+    start = CLOCKS[clock]()
     out = fn()
     sync(device)
-    return time.perf_counter() - start, out
+    return CLOCKS[clock]() - start, out
 
 
 def decoders(args, model) -> dict[str, dict]:
     """generate() settings to compare: plain, the chain of drafts, and each requested draft tree."""
-    methods = {"plain": dict(speculative=False), "chain": dict(speculative=True)}
+    methods = {
+        "plain": dict(speculative=False),
+        "auto (default)": dict(speculative=None),
+        "chain": dict(speculative=True),
+    }
     for spec in filter(None, args.draft_trees.split(";")):
         tree = DraftTree.parse(spec)
         methods[f"tree {spec} ({tree.n_nodes - 1} nodes)"] = dict(draft_tree=tree)
@@ -170,7 +181,7 @@ def bench_decoders(args, model, prompts, device, methods: dict[str, dict]) -> di
     outputs = {}
     for _ in range(args.repeats):
         for name, kwargs in methods.items():
-            t, outputs[name] = timed(lambda kwargs=kwargs: run(kwargs), device)
+            t, outputs[name] = timed(lambda kwargs=kwargs: run(kwargs), device, args.clock)
             seconds[name].append(t)
     plain_s = statistics.median(seconds["plain"])
     results = {}
@@ -186,6 +197,59 @@ def bench_decoders(args, model, prompts, device, methods: dict[str, dict]) -> di
             "identical": out.tokens == outputs["plain"].tokens,
         }
     return results
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the tensor operations (aten calls) that run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_operations(model, batch_size: int) -> dict[str, int]:
+    """Tensor operations of one decoding step per chain length (each step makes one host sync)."""
+    depth = draft_depth(model.config)
+    batch = DecodeBatch(model, batch_size, min(128, model.config.max_seq_len))
+    counts = {}
+    try:
+        prefill(batch, [[1, 2, 3, 4]] * batch_size)
+        for k in range(depth):
+            plan = DraftPlan.chain(k)
+            decode_step(batch, plan, [depth] * batch_size)  # drafting heads caught up
+            with _OpCounter() as counter:
+                decode_step(batch, plan, [depth] * batch_size)
+            counts[plan.name] = counter.count
+    finally:
+        batch.close()
+    return counts
+
+
+def bench_step_costs(model, batch_size: int, repeats: int, device: str, clock: str) -> dict[str, float]:
+    """Median seconds of one decoding step per chain length, relative to a plain step (steps alternate)."""
+    depth = draft_depth(model.config)
+    plans = [DraftPlan.chain(k) for k in range(depth)]
+    cache_len = min(512, model.config.max_seq_len)
+    batch = DecodeBatch(model, batch_size, cache_len)
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, 16)).tolist()
+    seconds = {plan.name: [] for plan in plans}
+    try:
+        prefill(batch, prompts)
+        for _ in range(repeats):
+            for plan in plans:
+                if max(batch.pos) + depth + 1 >= cache_len - 1:
+                    prefill(batch, prompts)
+                seconds[plan.name].append(
+                    timed(lambda plan=plan: decode_step(batch, plan, [depth] * batch_size), device, clock)[0]
+                )
+    finally:
+        batch.close()
+    plain = statistics.median(seconds["plain"])
+    return {name: statistics.median(s) / plain for name, s in seconds.items()} | {"plain_ms": plain * 1e3}
 
 
 def bytes_per_plain_step(model, prompt_len: int, max_new_tokens: int, batch_size: int, compiled: bool) -> int:
@@ -243,9 +307,9 @@ def bench_hf(args, model, hf_model, prompts, device, speculative: bool) -> dict:
     ours(), hf()
     ours_s, hf_s, a, b = [], [], None, None
     for _ in range(args.repeats):
-        t, a = timed(ours, device)
+        t, a = timed(ours, device, args.clock)
         ours_s.append(t)
-        t, b = timed(hf, device)
+        t, b = timed(hf, device, args.clock)
         hf_s.append(t)
     new_tokens = len(prompts) * n
     return {
@@ -258,6 +322,8 @@ def bench_hf(args, model, hf_model, prompts, device, speculative: bool) -> dict:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, description = load_model(args, device)
     model = model.to(dtype=getattr(torch, args.dtype)).eval()
@@ -269,6 +335,7 @@ def main() -> None:
         f"n_future={config.n_future} offsets={config.head_offsets} style={config.head_style} "
         f"draft depth={depth}, {model.num_params() / 1e6:.1f}M params, {args.dtype}, {device} ({machine}), "
         f"{args.max_new_tokens} new tokens, median of {args.repeats}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {args.clock} clock, "
         f"our decoding step {'compiled' if args.compile else 'eager'} (transformers always eager)\n"
     )
 
@@ -288,6 +355,21 @@ def main() -> None:
                     f"| {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['identical']} |"
                 )
         print("\nspeedup = plain time / method's time; efficiency = speedup / tokens per forward.\n")
+        print("## One decoding step per chain length, relative to a plain step (median of 200)\n")
+        names = [DraftPlan.chain(k).name for k in range(depth)]
+        ops = step_operations(model, 1)
+        print("Tensor operations per step at batch 1: " + ", ".join(f"{n} {c}" for n, c in ops.items()))
+        print("(one device-to-host copy per step, whatever the plan)\n")
+        print(f"| batch | plain ms | {' | '.join(names[1:])} |")
+        print("|---|---|" + "---|" * (depth - 1))
+        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+            r = bench_step_costs(model, batch_size, 200, device, args.clock)
+            print(
+                f"| {batch_size} | {r['plain_ms']:.2f} | "
+                + " | ".join(f"{r[n]:.2f}x" for n in names[1:])
+                + " |"
+            )
+        print()
     else:
         print("(one drafting head: no speculative comparison)\n")
 

@@ -112,8 +112,8 @@ class DecodeBatch:
     """Rows being decoded, one per KV-cache row, and the device state of each.
 
     Row b is cache row b: its pending token `next_B[b]` (chosen, not yet in the cache) goes at position
-    `pos_B[b]`, the number of tokens committed to the cache. `h_hist_BSD` and `tok_hist_BS` keep the trunk
-    output and token at every committed position, which the drafting heads read when they draft.
+    `pos_B[b]`, the number of tokens committed to the cache. The drafting heads read trunk outputs that
+    steps keep for them (`history`).
     `pos` and `synced` mirror positions on the host, so no step reads the device to size its blocks.
     """
 
@@ -127,7 +127,7 @@ class DecodeBatch:
         compile: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
-        self.model, self.capacity, self.cache_len = model, capacity, cache_len
+        self.model, self.capacity, self.cache_len, self.extra_slots = model, capacity, cache_len, extra_slots
         self.device = next(model.parameters()).device
         self.n_heads = draft_depth(model.config) - 1
         self.cached_heads = model.config.head_style != "linear"
@@ -141,13 +141,21 @@ class DecodeBatch:
         B, S, dev = capacity, cache_len + extra_slots, self.device
         self.next_B = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos_B = torch.zeros(B, dtype=torch.long, device=dev)
-        self.tok_hist_BS = torch.zeros(B, S, dtype=torch.long, device=dev)
-        self.h_hist_BSD: Tensor | None = None  # allocated at the first prefill, in the trunk's dtype
+        # What drafting reads back: nothing (no drafting heads), the trunk output at each row's last
+        # committed position (linear heads, no cache), or at every position (cached heads), and for
+        # sequential heads the committed tokens too. Trunk outputs are allocated in the trunk's dtype.
+        self.history = "none" if not self.n_heads else ("full" if self.cached_heads else "last")
+        self.tok_hist_BS = torch.zeros(B, S if self.sequential else 0, dtype=torch.long, device=dev)
+        self.h_hist_BSD: Tensor | None = None
+        self.h_last_BD: Tensor | None = None
+        self.track_ranks = False
+        """Report each drafting head's hit rate by rank (what draft trees need): a few more operations."""
+        self._arange_T = torch.arange(64, device=dev)
         self.synced_BJ = torch.zeros(B, max(self.n_heads, 1), dtype=torch.long, device=dev)
         self.pos: list[int] = [0] * B
         self.synced: list[list[int]] = [[0] * max(self.n_heads, 1) for _ in range(B)]
-        self.sampling: SamplingParams | RowSampling = SamplingParams()
-        """Shared settings (generate) or one per cache row (the server)."""
+        self.row_greedy: list[bool] = [True] * capacity
+        self.sampling = SamplingParams()
         self.prefill_heads = self.n_heads > 0
         """Run the cached drafting heads over prompts at prefill (off when the caller never drafts)."""
 
@@ -162,22 +170,56 @@ class DecodeBatch:
         self.model.clear_caches()
 
     def keep_rows(self, keep: Sequence[int]) -> None:
-        """Keep only the rows `keep`, in that order, as rows 0 .. len(keep) - 1 (their caches move too)."""
+        """Keep only the rows `keep`, in that order, as rows 0 .. len(keep) - 1 (their caches move too).
+
+        The rows after them are free for new rows (`prefill` with first_row = len(keep)).
+        """
         index_K = torch.tensor(list(keep), dtype=torch.long, device=self.device)
         n = len(keep)
         for attn in self.model.attention_modules():
             cache = attn.kv_cache
             cache.k_cache_BSKE[:n] = cache.k_cache_BSKE[index_K]
             cache.v_cache_BSKE[:n] = cache.v_cache_BSKE[index_K]
-        for name in ("next_B", "pos_B", "tok_hist_BS", "h_hist_BSD", "synced_BJ"):
+        for name in ("next_B", "pos_B", "tok_hist_BS", "h_hist_BSD", "h_last_BD", "synced_BJ"):
             tensor = getattr(self, name)
             if tensor is not None:
                 tensor[:n] = tensor[index_K]
         self.pos[:n] = [self.pos[i] for i in keep]
         self.synced[:n] = [list(self.synced[i]) for i in keep]
         if isinstance(self.sampling, RowSampling):
-            self.sampling = self.sampling.rows(index_K)
+            for tensor in (self.sampling.temperature_B, self.sampling.top_k_B, self.sampling.top_p_B):
+                tensor[:n] = tensor[index_K]
+        self.row_greedy[:n] = [self.row_greedy[i] for i in keep]
         self.n_rows = n
+
+    @property
+    def sampling(self) -> SamplingParams | RowSampling:
+        """Shared settings (generate) or one per cache row (the server: assign, or `set_sampling`)."""
+        return self._sampling
+
+    @sampling.setter
+    def sampling(self, value: SamplingParams | RowSampling) -> None:
+        self._sampling = value
+        if isinstance(value, RowSampling):  # one device read here, none per step
+            greedy = (value.temperature_B == 0).tolist()
+        else:
+            greedy = [value.greedy] * self.capacity
+        self.row_greedy[: len(greedy)] = greedy
+
+    def live_sampling(self, rows: slice) -> SamplingParams | RowSampling:
+        """The sampling settings of some rows, knowing on the host whether they are all greedy."""
+        if not isinstance(self.sampling, RowSampling):
+            return self.sampling
+        return self.sampling.rows(rows, all(self.row_greedy[rows]))
+
+    def set_sampling(self, row: int, params: SamplingParams) -> None:
+        """Give cache row `row` its own sampling settings (before its prefill)."""
+        if not isinstance(self.sampling, RowSampling):
+            self.sampling = RowSampling.build([self.sampling] * self.capacity, self.device)
+        self.row_greedy[row] = params.greedy
+        self.sampling.temperature_B[row] = params.temperature
+        self.sampling.top_k_B[row] = params.top_k
+        self.sampling.top_p_B[row] = params.top_p
 
 
 # ---- forward passes (compiled together when asked) -----------------------------------------------------
@@ -261,22 +303,15 @@ def prefill(
     pos_BT = torch.where(arange_T < length_B.unsqueeze(1), start_B.unsqueeze(1) + arange_T, batch.scratch)
     rows = slice(first_row, first_row + B)
     h_BTD, logits_BTV = _verify_forward(model, tokens_BT, pos_BT, first_row)
-    if batch.h_hist_BSD is None:
-        shape = (batch.capacity, batch.tok_hist_BS.shape[1], h_BTD.shape[-1])
-        batch.h_hist_BSD = torch.zeros(shape, dtype=h_BTD.dtype, device=dev)
-    rows_B1 = torch.arange(B, device=dev).unsqueeze(1)
-    batch.h_hist_BSD[rows][rows_B1, pos_BT] = h_BTD
-    batch.tok_hist_BS[rows][rows_B1, pos_BT] = tokens_BT
+    rows_B = torch.arange(B, device=dev)
+    _keep_history(batch, rows, h_BTD, tokens_BT, pos_BT, rows_B, length_B - 1)
     batch.pos_B[rows] = start_B + length_B
     for b in range(B):
         batch.pos[first_row + b] = starts[b] + lengths[b]
         if starts[b] == 0:  # a new row: its drafting heads have seen nothing yet
             batch.synced[first_row + b] = [0] * batch.synced_BJ.shape[1]
             batch.synced_BJ[first_row + b] = 0
-    sampling = batch.sampling
-    if isinstance(sampling, RowSampling):
-        sampling = sampling.rows(rows)
-    rows_B = torch.arange(B, device=dev)
+    sampling = batch.live_sampling(rows)
     last_logits_BV = logits_BTV[rows_B, length_B - 1]
     next_B = choose(last_logits_BV, sampling, batch.generator)[0] if final else None
     if batch.prefill_heads and batch.cached_heads and batch.n_heads and (final or not batch.sequential):
@@ -315,27 +350,39 @@ def prefill(
 # ---- drafting ----------------------------------------------------------------------------------------
 
 
-def _catch_up_block(batch: DecodeBatch, n_heads: int, n: int):
-    """Positions each row's first `n_heads` drafting heads must (re)read: (pos_BG, last_B, G).
+def _keep_history(batch, rows: slice, h_BTD, tokens_BT, pos_BT, rows_B, last_B) -> None:
+    """Keep what the drafting heads will read: trunk outputs at the block's positions, or at `last_B`."""
+    if batch.history == "none":
+        return
+    if batch.history == "last":
+        if batch.h_last_BD is None:
+            batch.h_last_BD = h_BTD.new_zeros(batch.capacity, h_BTD.shape[-1])
+        batch.h_last_BD[rows] = h_BTD[rows_B, last_B]
+        return
+    if batch.h_hist_BSD is None:
+        shape = (batch.capacity, batch.cache_len + batch.extra_slots, h_BTD.shape[-1])
+        batch.h_hist_BSD = h_BTD.new_zeros(shape)
+    rows_B1 = rows_B.unsqueeze(1)
+    batch.h_hist_BSD[rows][rows_B1, pos_BT] = h_BTD
+    if batch.sequential:
+        batch.tok_hist_BS[rows][rows_B1, pos_BT] = tokens_BT
 
-    Linear heads have no cache and read the last committed position only. Cached heads read every
-    position since the slowest of them last ran (at most CATCH_UP_WINDOW); the last committed position
-    is always included, since it is the one that drafts.
+
+def _catch_up_block(batch: DecodeBatch, n_heads: int, n: int):
+    """Positions the first `n_heads` cached drafting heads must (re)read: (pos_BG, last_B).
+
+    Every position since the slowest of them last ran (at most CATCH_UP_WINDOW); the last committed
+    position is always included, since it is the one that drafts.
     """
-    if not batch.cached_heads:
-        starts = [p - 1 for p in batch.pos[:n]]
-    else:
-        starts = [
-            max(min(min(synced[:n_heads]), p - 1), p - CATCH_UP_WINDOW)
-            for synced, p in zip(batch.synced[:n], batch.pos[:n], strict=True)
-        ]
+    starts = [
+        max(min(min(synced[:n_heads]), p - 1), p - CATCH_UP_WINDOW)
+        for synced, p in zip(batch.synced[:n], batch.pos[:n], strict=True)
+    ]
     G = max(p - s for p, s in zip(batch.pos[:n], starts, strict=True))
     start_B = torch.tensor(starts, device=batch.device)
     pos_BG = start_B.unsqueeze(1) + torch.arange(G, device=batch.device)
-    valid_BG = pos_BG < batch.pos_B[:n].unsqueeze(1)
-    pos_BG = torch.where(valid_BG, pos_BG, batch.scratch)
-    last_B = batch.pos_B[:n] - 1 - start_B
-    return pos_BG, last_B, G
+    pos_BG = torch.where(pos_BG < batch.pos_B[:n].unsqueeze(1), pos_BG, batch.scratch)
+    return pos_BG, batch.pos_B[:n] - 1 - start_B
 
 
 def _draft(batch: DecodeBatch, plan: DraftPlan, n: int, sampling):
@@ -345,21 +392,25 @@ def _draft(batch: DecodeBatch, plan: DraftPlan, n: int, sampling):
     draft as a chain, each head fed the previous one's choice.
     """
     model, k = batch.model, plan.n_heads
-    pos_BG, last_B, _ = _catch_up_block(batch, k, n)
-    rows_B1 = torch.arange(n, device=batch.device).unsqueeze(1)
-    h_BGD = batch.h_hist_BSD[:n][rows_B1, pos_BG]
-    tokens_BG = batch.tok_hist_BS[:n][rows_B1, pos_BG]
-    rope = model.rope_context(tokens_BG, pos_BG) if batch.cached_heads else None
-    for b in range(n):
-        batch.synced[b][:k] = [batch.pos[b]] * k
-    batch.synced_BJ[:n, :k] = batch.pos_B[:n].unsqueeze(1)
-    if batch.sequential:
-        drafts_BJ, q_BJV = propose_drafts(
-            model, h_BGD, rope, tokens_BG, last_B, batch.next_B[:n], k + 1, sampling, batch.generator
-        )
-        return drafts_BJ, q_BJV, None
-    rows_B = rows_B1.squeeze(1)
-    z_BJD = torch.stack([model.head_forward(i, h_BGD, rope)[rows_B, last_B] for i in range(1, k + 1)], 1)
+    if batch.history == "last":  # linear heads: no cache, the last committed position is all they need
+        h_BD = batch.h_last_BD[:n]
+        z_BJD = torch.stack([model.head_forward(i, h_BD, None) for i in range(1, k + 1)], 1)
+    else:
+        pos_BG, last_B = _catch_up_block(batch, k, n)
+        rows_B1 = torch.arange(n, device=batch.device).unsqueeze(1)
+        h_BGD = batch.h_hist_BSD[:n][rows_B1, pos_BG]
+        tokens_BG = batch.tok_hist_BS[:n][rows_B1, pos_BG] if batch.sequential else pos_BG
+        rope = model.rope_context(tokens_BG, pos_BG)
+        for b in range(n):
+            batch.synced[b][:k] = [batch.pos[b]] * k
+        batch.synced_BJ[:n, :k] = batch.pos_B[:n].unsqueeze(1)
+        if batch.sequential:
+            drafts_BJ, q_BJV = propose_drafts(
+                model, h_BGD, rope, tokens_BG, last_B, batch.next_B[:n], k + 1, sampling, batch.generator
+            )
+            return drafts_BJ, q_BJV, None
+        rows_B = rows_B1.squeeze(1)
+        z_BJD = torch.stack([model.head_forward(i, h_BGD, rope)[rows_B, last_B] for i in range(1, k + 1)], 1)
     logits_BJV = model.logits(z_BJD)
     if plan.tree is not None:
         return None, None, logits_BJV
@@ -371,7 +422,8 @@ def _draft(batch: DecodeBatch, plan: DraftPlan, n: int, sampling):
 def _per_draft(sampling, k: int):
     """Row sampling settings repeated for each of a row's k drafts (flattened row-major)."""
     if isinstance(sampling, RowSampling):
-        return sampling.rows(torch.arange(len(sampling.temperature_B)).repeat_interleave(k))
+        index = torch.arange(len(sampling.temperature_B), device=sampling.temperature_B.device)
+        return sampling.rows(index.repeat_interleave(k), sampling.all_greedy)
     return sampling
 
 
@@ -397,51 +449,56 @@ def decode_step(
     """
     if plan.tree is not None:
         return _tree_step(batch, plan, budget, keep_logits)
-    n, dev, model = len(budget), batch.device, batch.model
-    sampling = batch.sampling.rows(slice(0, n)) if isinstance(batch.sampling, RowSampling) else batch.sampling
-    k = plan.n_drafts
-    n_block_B = torch.tensor([min(k + 1, r) for r in budget], device=dev)
+    n, dev, model, k = len(budget), batch.device, batch.model, plan.n_drafts
+    sampling = batch.live_sampling(slice(0, n))
     next_B, pos_B = batch.next_B[:n], batch.pos_B[:n]
+    arange_T = batch._arange_T[: k + 1]
+    if min(budget) > k:  # the common case: every row takes the whole block
+        n_drafts_B, active_B = None, None
+        pos_BT = pos_B.unsqueeze(1) + arange_T
+    else:
+        n_block_B = torch.tensor([min(k + 1, max(r, 0)) for r in budget], device=dev)
+        n_drafts_B, active_B = (n_block_B - 1).clamp(min=0), n_block_B > 0
+        pos_BT = torch.where(arange_T < n_block_B.unsqueeze(1), pos_B.unsqueeze(1) + arange_T, batch.scratch)
     if k:
         drafts_BJ, q_BJV, draft_logits_BJV = _draft(batch, plan, n, sampling)
         block_BT = torch.cat([next_B.unsqueeze(1), drafts_BJ], dim=1)
     else:
         drafts_BJ, q_BJV, draft_logits_BJV = next_B.new_zeros(n, 0), None, None
         block_BT = next_B.unsqueeze(1)
-    arange_T = torch.arange(k + 1, device=dev)
-    pos_BT = torch.where(arange_T < n_block_B.unsqueeze(1), pos_B.unsqueeze(1) + arange_T, batch.scratch)
     h_BTD, logits_BTV = batch.forward(model, block_BT, pos_BT)
-    n_drafts_B = (n_block_B - 1).clamp(min=0)
     if sampling.greedy:
         n_acc_B, bonus_B = accept_greedy(logits_BTV, drafts_BJ, n_drafts_B)
     else:
         n_acc_B, bonus_B = accept_sampled(logits_BTV, drafts_BJ, q_BJV, n_drafts_B, sampling, batch.generator)
-    rows_B1 = torch.arange(n, device=dev).unsqueeze(1)
-    batch.h_hist_BSD[:n][rows_B1, pos_BT] = h_BTD.to(batch.h_hist_BSD.dtype)
-    batch.tok_hist_BS[:n][rows_B1, pos_BT] = block_BT
-    active_B = n_block_B > 0
-    batch.pos_B[:n] = pos_B + (n_acc_B + 1) * active_B
-    batch.next_B[:n] = torch.where(active_B, bonus_B, next_B)
-    host = [n_acc_B, bonus_B, drafts_BJ]
-    counts = None
-    if k:
-        depth_J = torch.arange(1, k + 1, device=dev)
-        proposed_BJ = depth_J <= n_drafts_B.unsqueeze(1)
-        reached_BJ = proposed_BJ & (depth_J <= n_acc_B.unsqueeze(1) + 1)
+    rows_B = torch.arange(n, device=dev)
+    _keep_history(batch, slice(0, n), h_BTD, block_BT, pos_BT, rows_B, n_acc_B)
+    if active_B is None:
+        batch.pos_B[:n] = pos_B + n_acc_B + 1
+        batch.next_B[:n] = bonus_B
+    else:
+        batch.pos_B[:n] = pos_B + (n_acc_B + 1) * active_B
+        batch.next_B[:n] = torch.where(active_B, bonus_B, next_B)
+    ranks = None
+    if batch.track_ranks and draft_logits_BJV is not None:
+        # The right token at each depth: the accepted drafts, then the bonus.
+        depth_J = arange_T[1:]
         accepted_BJ = depth_J <= n_acc_B.unsqueeze(1)
-        counts = [proposed_BJ.sum(0), reached_BJ.sum(0), accepted_BJ.sum(0)]
-        if draft_logits_BJV is not None:
-            # The right token at each depth: the accepted drafts, then the bonus.
-            truth_BJ = torch.where(accepted_BJ, drafts_BJ, bonus_B.unsqueeze(1))
-            counts.append(_rank_hits(draft_logits_BJV, truth_BJ, reached_BJ).flatten())
-    return _record(batch, plan, budget, host, counts, logits_BTV if keep_logits else None)
+        reached_BJ = depth_J <= n_acc_B.unsqueeze(1) + 1
+        if n_drafts_B is not None:
+            reached_BJ &= depth_J <= n_drafts_B.unsqueeze(1)
+        truth_BJ = torch.where(accepted_BJ, drafts_BJ, bonus_B.unsqueeze(1))
+        ranks = _rank_hits(draft_logits_BJV, truth_BJ, reached_BJ)
+    return _record(
+        batch, plan, budget, n_acc_B, bonus_B, drafts_BJ, ranks, logits_BTV if keep_logits else None
+    )
 
 
 def _tree_step(batch: DecodeBatch, plan: DraftPlan, budget: Sequence[int], keep_logits: bool) -> StepRecord:
     n, dev, model, tree = len(budget), batch.device, batch.model, plan.tree
-    sampling = batch.sampling.rows(slice(0, n)) if isinstance(batch.sampling, RowSampling) else batch.sampling
+    sampling = batch.live_sampling(slice(0, n))
     depth = len(tree.levels)
-    n_block_B = torch.tensor([min(depth + 1, r) for r in budget], device=dev)
+    n_block_B = torch.tensor([min(depth + 1, max(r, 0)) for r in budget], device=dev)
     n_drafts_B = (n_block_B - 1).clamp(min=0)
     _, _, draft_logits_BJV = _draft(batch, plan, n, sampling)
     next_B, pos_B = batch.next_B[:n], batch.pos_B[:n]
@@ -455,62 +512,58 @@ def _tree_step(batch: DecodeBatch, plan: DraftPlan, budget: Sequence[int], keep_
             logits_BTV, nodes_BT, n_drafts_B, tree, sampling, batch.generator
         )
     commit_path(model, pos_B, path_BP, batch.verify_attention)
-    rows_B1 = torch.arange(n, device=dev).unsqueeze(1)
+    rows_B = torch.arange(n, device=dev)
+    rows_B1 = rows_B.unsqueeze(1)
     active_B = n_block_B > 0
     # The accepted path's trunk outputs and tokens, at the positions it now holds.
-    path_pos_BP = pos_B.unsqueeze(1) + torch.arange(depth + 1, device=dev)
+    path_pos_BP = pos_B.unsqueeze(1) + batch._arange_T[: depth + 1]
     path_pos_BP = torch.where(active_B.unsqueeze(1), path_pos_BP, batch.scratch)
-    batch.h_hist_BSD[:n][rows_B1, path_pos_BP] = h_BTD[rows_B1, path_BP].to(batch.h_hist_BSD.dtype)
     path_tokens_BP = nodes_BT.gather(1, path_BP)
-    batch.tok_hist_BS[:n][rows_B1, path_pos_BP] = path_tokens_BP
+    _keep_history(batch, slice(0, n), h_BTD[rows_B1, path_BP], path_tokens_BP, path_pos_BP, rows_B, n_acc_B)
     # Finished rows keep their length, so their scratch nodes stay inside the cache.
     batch.pos_B[:n] = pos_B + (n_acc_B + 1) * active_B
     batch.next_B[:n] = torch.where(active_B, bonus_B, next_B)
     candidates_BJ = path_tokens_BP[:, 1:]
-    depth_J = torch.arange(1, depth + 1, device=dev)
-    per_depth_J = torch.tensor([len(level) for level in tree.levels], device=dev)
-    drafted_BJ = depth_J <= n_drafts_B.unsqueeze(1)
-    reached_BJ = drafted_BJ & (depth_J <= n_acc_B.unsqueeze(1) + 1)
-    accepted_BJ = depth_J <= n_acc_B.unsqueeze(1)
-    truth_BJ = torch.where(accepted_BJ, candidates_BJ, bonus_B.unsqueeze(1))
-    counts = [
-        (drafted_BJ * per_depth_J).sum(0),
-        reached_BJ.sum(0),
-        accepted_BJ.sum(0),
-        _rank_hits(draft_logits_BJV, truth_BJ, reached_BJ).flatten(),
-    ]
+    ranks = None
+    if batch.track_ranks:
+        depth_J = batch._arange_T[1 : depth + 1]
+        accepted_BJ = depth_J <= n_acc_B.unsqueeze(1)
+        reached_BJ = (depth_J <= n_drafts_B.unsqueeze(1)) & (depth_J <= n_acc_B.unsqueeze(1) + 1)
+        truth_BJ = torch.where(accepted_BJ, candidates_BJ, bonus_B.unsqueeze(1))
+        ranks = _rank_hits(draft_logits_BJV, truth_BJ, reached_BJ)
     step_logits_BTV = logits_BTV[rows_B1, path_BP] if keep_logits else None
-    return _record(batch, plan, budget, [n_acc_B, bonus_B, candidates_BJ], counts, step_logits_BTV)
+    return _record(batch, plan, budget, n_acc_B, bonus_B, candidates_BJ, ranks, step_logits_BTV)
 
 
-def _record(batch, plan, budget, host, counts, logits_BTV) -> StepRecord:
+def _record(batch, plan, budget, n_acc_B, bonus_B, candidates_BJ, ranks_JR, logits_BTV) -> StepRecord:
     """The step's one device-to-host copy, and the host-side bookkeeping it feeds."""
-    n_acc_B, bonus_B, candidates_BJ = host
     n, k = len(budget), candidates_BJ.shape[1]
-    flat = torch.cat([n_acc_B, bonus_B, candidates_BJ.flatten(), *(c.flatten() for c in counts or [])])
-    values = flat.long().tolist()
+    parts = [n_acc_B, bonus_B, candidates_BJ.flatten()] + ([] if ranks_JR is None else [ranks_JR.flatten()])
+    values = torch.cat(parts).tolist()
     n_acc, bonus, candidates = values[:n], values[n : 2 * n], values[2 * n : 2 * n + n * k]
-    tokens, n_accepted = [], []
+    record = StepRecord(plan, [], [], logits_BTV=logits_BTV)
+    per_depth = [1] * k if plan.tree is None else [len(level) for level in plan.tree.levels]
+    proposed, reached, accepted = [0] * k, [0] * k, [0] * k
     for b in range(n):
         if budget[b] <= 0:
-            tokens.append([])
-            n_accepted.append(0)
+            record.tokens.append([])
+            record.n_accepted.append(0)
             continue
-        tokens.append([*candidates[b * k : b * k + n_acc[b]], bonus[b]])
-        n_accepted.append(n_acc[b])
-        batch.pos[b] += n_acc[b] + 1
-    record = StepRecord(plan, tokens, n_accepted, logits_BTV=logits_BTV)
-    if counts:
-        tail = values[2 * n + n * k :]
-        record.proposed_J, record.reached_J, record.accepted_J = (
-            tail[:k],
-            tail[k : 2 * k],
-            tail[2 * k : 3 * k],
-        )
-        ranks = tail[3 * k :]
-        if ranks:
-            R = len(ranks) // k
-            record.rank_hits_JR = [ranks[j * R : (j + 1) * R] for j in range(k)]
+        a = n_acc[b]
+        record.tokens.append([*candidates[b * k : b * k + a], bonus[b]])
+        record.n_accepted.append(a)
+        batch.pos[b] += a + 1
+        drafted = min(k, budget[b] - 1)
+        for j in range(drafted):
+            proposed[j] += per_depth[j]
+            reached[j] += j <= a
+            accepted[j] += j < a
+    if k:
+        record.proposed_J, record.reached_J, record.accepted_J = proposed, reached, accepted
+    if ranks_JR is not None:
+        flat = values[2 * n + n * k :]
+        R = len(flat) // k
+        record.rank_hits_JR = [flat[j * R : (j + 1) * R] for j in range(k)]
     return record
 
 

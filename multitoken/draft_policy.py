@@ -43,7 +43,10 @@ TREE_REFRESH_STEPS = 16
 
 @dataclass
 class AcceptanceStats:
-    """Decayed counts: per depth, rows that reached it and rows whose draft was accepted there."""
+    """Decayed counts: per depth, rows that reached it and rows whose draft was accepted there.
+
+    They start at a prior of PRIOR_RATE worth PRIOR_WEIGHT rows, which decays like any observation.
+    """
 
     n_heads: int
     chain_reached: list[float] = field(default_factory=list)
@@ -53,8 +56,9 @@ class AcceptanceStats:
 
     def __post_init__(self) -> None:
         J = self.n_heads
-        self.chain_reached, self.chain_accepted = [0.0] * J, [0.0] * J
-        self.rank_reached, self.rank_hits = [0.0] * J, [[0.0] * RANKS_TRACKED for _ in range(J)]
+        self.chain_reached, self.chain_accepted = [PRIOR_WEIGHT] * J, [PRIOR_WEIGHT * PRIOR_RATE] * J
+        self.rank_reached = [PRIOR_WEIGHT] * J
+        self.rank_hits = [[PRIOR_WEIGHT * PRIOR_RATE] + [0.0] * (RANKS_TRACKED - 1) for _ in range(J)]
 
     def decay(self) -> None:
         for values in (self.chain_reached, self.chain_accepted, self.rank_reached, *self.rank_hits):
@@ -75,21 +79,14 @@ class AcceptanceStats:
         rates = []
         for d in range(self.n_heads):
             if self.rank_reached[d] > self.chain_reached[d]:  # rank-0 hits measure the same thing
-                hits, reached = self.rank_hits[d][0], self.rank_reached[d]
+                rates.append(self.rank_hits[d][0] / self.rank_reached[d])
             else:
-                hits, reached = self.chain_accepted[d], self.chain_reached[d]
-            rates.append((hits + PRIOR_RATE * PRIOR_WEIGHT) / (reached + PRIOR_WEIGHT))
+                rates.append(self.chain_accepted[d] / self.chain_reached[d])
         return rates
 
     def rank_rates(self) -> list[list[float]]:
         """h_{d,r}: the r-th guess of the head at depth d is right, given depth d was reached."""
-        return [
-            [
-                (h + (PRIOR_RATE * PRIOR_WEIGHT if r == 0 else 0.0)) / (self.rank_reached[d] + PRIOR_WEIGHT)
-                for r, h in enumerate(self.rank_hits[d])
-            ]
-            for d in range(self.n_heads)
-        ]
+        return [[h / self.rank_reached[d] for h in self.rank_hits[d]] for d in range(self.n_heads)]
 
 
 def expected_chain_tokens(rates: Sequence[float], n_drafts: int) -> float:
@@ -185,11 +182,10 @@ class DraftPolicy:
         self.plan_counts[best.name] += 1
         return best
 
-    def observe(self, record: StepRecord, seconds: float | None, batch_size: int) -> None:
+    def observe(self, record: StepRecord, batch_size: int) -> None:
+        """Fold a step's acceptance into the statistics."""
         self.stats.decay()
         self.stats.add(record)
-        if seconds is not None:
-            self.costs.observe(record.plan.name, batch_size, seconds)
         if self.probing:
             # Probing found nothing worth drafting: wait twice as long before the next probe.
             values = self.values(batch_size)

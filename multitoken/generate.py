@@ -240,8 +240,7 @@ def generate(
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
     temperature 0 is greedy decoding; otherwise tokens are sampled from softmax(logits / temperature)
-    restricted by `top_k` and `top_p`, reproducibly when `seed` is given (then the draft plans follow
-    the stored step costs only, not the timings of this run).
+    restricted by `top_k` and `top_p`, reproducibly when `seed` is given.
 
     `speculative=None` (the default) lets a DraftPolicy choose each step's plan among plain decoding,
     chains of the drafting heads and draft trees, by expected tokens per second on this machine (step
@@ -299,6 +298,7 @@ def generate(
         generator=generator,
     )
     batch.sampling, batch.n_rows, batch.prefill_heads = params, B, n_heads > 0
+    batch.track_ranks = policy is not None and policy.trees
     try:
         if max_new_tokens > 0:
             _emit(rows, prefill(batch, prompt_ids, keep_logits=return_logits), on_tokens)
@@ -306,12 +306,9 @@ def generate(
         while not all(row.done for row in rows):
             budget = [row.budget for row in rows]
             plan = fixed if fixed is not None else policy.choose(B)
-            step_start = time.perf_counter()
             record = decode_step(batch, plan, budget, keep_logits=return_logits)
             if policy is not None:
-                # With a seed, plans follow the stored costs only, so the same seed gives the same tokens.
-                seconds = time.perf_counter() - step_start if seed is None else None
-                policy.observe(record, seconds, B)
+                policy.observe(record, B)
             plans[plan.name] += 1
             stats.forward_passes += 1
             stats.row_forwards += sum(r > 0 for r in budget)

@@ -39,6 +39,8 @@ class RowSampling:
     temperature_B: Tensor
     top_k_B: Tensor
     top_p_B: Tensor
+    all_greedy: bool | None = None
+    """Whether every row is greedy, when the caller knows it (else `greedy` reads the device)."""
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], device) -> RowSampling:
@@ -46,15 +48,21 @@ class RowSampling:
             torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
             torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
             torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            all(p.greedy for p in params),
         )
 
     @property
     def greedy(self) -> bool:
-        """Every row greedy (a host read; the scheduler knows it from the requests, too)."""
-        return bool((self.temperature_B == 0).all())
+        """Every row greedy: then the argmax paths apply."""
+        if self.all_greedy is None:
+            return bool((self.temperature_B == 0).all())
+        return self.all_greedy
 
-    def rows(self, index) -> RowSampling:
-        return RowSampling(self.temperature_B[index], self.top_k_B[index], self.top_p_B[index])
+    def rows(self, index, all_greedy: bool | None = None) -> RowSampling:
+        """Some rows' settings; `all_greedy` as known for those rows (a subset of greedy rows is greedy)."""
+        if all_greedy is None and self.all_greedy:
+            all_greedy = True
+        return RowSampling(self.temperature_B[index], self.top_k_B[index], self.top_p_B[index], all_greedy)
 
 
 def sampling_probs(logits_XV: Tensor, params: SamplingParams | RowSampling) -> Tensor:

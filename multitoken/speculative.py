@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from multitoken.config import ModelConfig
-from multitoken.sampling import SamplingParams, choose, sample, sampling_probs
+from multitoken.sampling import RowSampling, SamplingParams, choose, sample, sampling_probs
 
 
 def draft_depth(config: ModelConfig) -> int:
@@ -25,17 +25,23 @@ def draft_depth(config: ModelConfig) -> int:
     return depth
 
 
-def accept_greedy(logits_BTV: Tensor, drafts_BJ: Tensor, n_drafts_B: Tensor) -> tuple[Tensor, Tensor]:
+def accept_greedy(
+    logits_BTV: Tensor, drafts_BJ: Tensor, n_drafts_B: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Longest prefix of drafts equal to the next-token head's argmax, and the token after it.
 
     `logits_BTV[:, t]` is the next-token head at block position t; draft j sits at block position j + 1
-    and is checked against the argmax at position j. Only the first `n_drafts_B` drafts of a row count.
-    Returns (n_accepted_B, bonus_B).
+    and is checked against the argmax at position j. Only the first `n_drafts_B` drafts of a row count
+    (all of them when None). Returns (n_accepted_B, bonus_B).
     """
-    target_BT = logits_BTV.argmax(-1)
     J = drafts_BJ.shape[1]
-    valid_BJ = torch.arange(J, device=drafts_BJ.device) < n_drafts_B.unsqueeze(1)
-    ok_BJ = (drafts_BJ == target_BT[:, :J]) & valid_BJ
+    if J == 0:  # a plain step
+        target_B = logits_BTV[:, 0].argmax(-1)
+        return torch.zeros_like(target_B), target_B
+    target_BT = logits_BTV.argmax(-1)
+    ok_BJ = drafts_BJ == target_BT[:, :J]
+    if n_drafts_B is not None:
+        ok_BJ &= torch.arange(J, device=drafts_BJ.device) < n_drafts_B.unsqueeze(1)
     n_accepted_B = ok_BJ.long().cumprod(1).sum(1)
     return n_accepted_B, target_BT.gather(1, n_accepted_B.unsqueeze(1)).squeeze(1)
 
@@ -44,18 +50,21 @@ def accept_sampled(
     logits_BTV: Tensor,
     drafts_BJ: Tensor,
     q_BJV: Tensor | None,
-    n_drafts_B: Tensor,
-    params: SamplingParams,
+    n_drafts_B: Tensor | None,
+    params: SamplingParams | RowSampling,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
     """Speculative sampling: keep draft x with probability min(1, p(x) / q(x)), in order.
 
     At the first rejection the token is drawn from normalize(max(p - q, 0)); when every draft is kept,
     the bonus token is drawn from p. The result is distributed exactly as plain sampling from p, where p
-    is `sampling_probs(logits)` of the next-token head. Returns (n_accepted_B, bonus_B).
+    is `sampling_probs(logits)` of the next-token head. `n_drafts_B` None means every draft counts.
+    Returns (n_accepted_B, bonus_B).
     """
     p_BTV = sampling_probs(logits_BTV, params)
     B, J = drafts_BJ.shape
+    if n_drafts_B is None:
+        n_drafts_B = torch.full((B,), J, device=drafts_BJ.device)
     rows_B = torch.arange(B, device=drafts_BJ.device)
     if J == 0:
         return torch.zeros_like(rows_B), sample(p_BTV[:, 0], generator)

@@ -8,8 +8,11 @@ prompts (a fraction of a second for small models), and stores the medians in a J
 
     ~/.cache/multitoken/step_costs.json   ($MULTITOKEN_CACHE_DIR or $XDG_CACHE_HOME/multitoken if set)
 
-Delete the file to measure again. During decoding the driver reports each step's wall time
-(`observe`), and the table follows the machine's load with an exponential moving average.
+Delete the file to measure again. The plans are timed in turns and each keeps its fastest repeat:
+on a shared machine other work only ever adds time, so the minimum is the steadiest estimate of a
+step's own cost, and taking turns spreads any drift over every plan alike. On a CPU the clock is
+this process's CPU time, which other processes competing for the cores do not inflate; on a GPU it
+is the wall clock (each step ends with a device-to-host copy, so the GPU work is inside it).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,10 +28,10 @@ from pathlib import Path
 import torch
 
 CACHE_FILE_NAME = "step_costs.json"
-CALIBRATION_REPEATS = 3
-"""Timed steps per plan (after one warm-up step); the median is kept."""
-SMOOTHING = 0.1
-"""Weight of each observed step in the running cost estimate."""
+CALIBRATION_REPEATS = 5
+"""Most timed steps per plan (after one warm-up step each); the fastest is kept."""
+CALIBRATION_BUDGET_S = 0.4
+"""After two timed rounds, further rounds run only while the measurement has taken less than this."""
 
 
 def cache_dir() -> Path:
@@ -73,12 +75,6 @@ class StepCosts:
     def knows(self, plan_names: Sequence[str], batch_size: int) -> bool:
         return all(self.seconds(name, batch_size) is not None for name in plan_names)
 
-    def observe(self, plan_name: str, batch_size: int, seconds: float) -> None:
-        """Fold one measured step into the running estimate."""
-        row = self.table.setdefault(batch_bucket(batch_size), {})
-        old = row.get(plan_name)
-        row[plan_name] = seconds if old is None else (1 - SMOOTHING) * old + SMOOTHING * seconds
-
     # ---- measuring ------------------------------------------------------------------------------
 
     def calibrate(self, model, batch_size: int, plans: Sequence, cache_len: int) -> float:
@@ -86,25 +82,28 @@ class StepCosts:
         from multitoken.decoding import DecodeBatch, decode_step, prefill
 
         started = time.perf_counter()
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        clock = time.process_time if on_cpu else time.perf_counter
         B = batch_bucket(batch_size)
         extra = max((p.block for p in plans if p.tree is not None), default=0)
         batch = DecodeBatch(model, B, cache_len, extra_slots=extra)
         generator = torch.Generator().manual_seed(0)
         prompt_len = max(1, min(16, cache_len // 4))
         row = self.table.setdefault(B, {})
+        prompts = torch.randint(0, model.config.vocab_size, (B, prompt_len), generator=generator).tolist()
+        times: dict[str, list[float]] = {plan.name: [] for plan in plans}
         try:
-            for plan in plans:
-                prompts = torch.randint(0, model.config.vocab_size, (B, prompt_len), generator=generator)
-                prefill(batch, prompts.tolist())
-                budget = [plan.block] * B
-                times = []
-                for _ in range(CALIBRATION_REPEATS + 1):
-                    if max(batch.pos) + 2 * plan.block >= cache_len - 1:
-                        prefill(batch, prompts.tolist())
-                    t0 = time.perf_counter()
-                    decode_step(batch, plan, budget)
-                    times.append(time.perf_counter() - t0)
-                row[plan.name] = statistics.median(times[1:])
+            for repeat in range(CALIBRATION_REPEATS + 1):
+                if repeat > 2 and time.perf_counter() - started > CALIBRATION_BUDGET_S:
+                    break
+                for plan in plans:
+                    if repeat == 0 or max(batch.pos) + 2 * plan.block >= cache_len - 1:
+                        prefill(batch, prompts)
+                    t0 = clock()
+                    decode_step(batch, plan, [plan.block] * B)
+                    if repeat:  # the first round warms up
+                        times[plan.name].append(clock() - t0)
+            row.update({name: min(seconds) for name, seconds in times.items()})
         finally:
             batch.close()
         return time.perf_counter() - started

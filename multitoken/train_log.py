@@ -89,7 +89,9 @@ class TrainLogger:
             return
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            shown = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:,.0f}"}
+            # The next-token loss, the quantity `val` measures; the sum over heads stays in metrics.jsonl.
+            next_token = metrics.get("loss_head1", metrics["loss"])
+            shown = {"loss": f"{next_token:.3f}", "tok/s": f"{metrics['tokens_per_s']:,.0f}"}
             if "val_loss" in metrics:
                 shown["val"] = f"{metrics['val_loss']:.3f}"
             self.bar.set_postfix(shown, refresh=False)

@@ -286,6 +286,8 @@ def test_sampling_law_check_rejects_a_wrong_sampler(monkeypatch):
     """Power check: a sampler that always keeps drafts is caught by the same test."""
 
     def accept_all(logits_BTV, drafts_BJ, q_BJV, n_drafts_B, params, generator):
+        if n_drafts_B is None:
+            n_drafts_B = torch.full((len(drafts_BJ),), drafts_BJ.shape[1])
         p_BTV = sampling_probs(logits_BTV, params)
         p_next_BV = p_BTV[torch.arange(len(n_drafts_B)), n_drafts_B]
         return n_drafts_B, sample(p_next_BV, generator)

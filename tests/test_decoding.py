@@ -1,0 +1,114 @@
+"""The decoding steps driven as a server drives them: rows join (chunked prefill) and leave between steps."""
+
+import pytest
+import torch
+from test_generate import agreeing_model
+
+from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
+from multitoken.generate import generate
+from multitoken.sampling import RowSampling, SamplingParams, sampling_probs
+
+from conftest import tiny_model
+
+PROMPTS = {"a": [1, 2, 3], "b": [5, 6, 7, 8, 9, 10, 11, 12, 13], "c": [4, 4]}
+N_NEW = 12
+
+
+class Driver:
+    """A minimal continuous-batching loop: live rows are 0 .. n-1, a new row is prefilled at row n."""
+
+    def __init__(self, model, plan, capacity=3):
+        self.batch = DecodeBatch(model, capacity, 64, extra_slots=8)
+        self.plan, self.names, self.out = plan, [], {}
+
+    def join(self, name, chunk_sizes=None):
+        prompt, row = PROMPTS[name], len(self.names)
+        self.batch.set_sampling(row, SamplingParams())
+        chunks = chunk_sizes or [len(prompt)]
+        start = 0
+        for i, size in enumerate(chunks):
+            final = i == len(chunks) - 1
+            record = prefill(
+                self.batch, [prompt[start : start + size]], first_row=row, start=[start], final=final
+            )
+            start += size
+            if not final:
+                self.step()  # the running rows keep decoding between chunks
+        self.names.append(name)
+        self.out[name] = list(record.tokens[0])
+
+    def step(self):
+        if not self.names:
+            return
+        budget = [N_NEW - len(self.out[name]) for name in self.names]
+        record = decode_step(self.batch, self.plan, budget)
+        for name, tokens in zip(self.names, record.tokens, strict=True):
+            self.out[name] += tokens
+        done = [i for i, name in enumerate(self.names) if len(self.out[name]) >= N_NEW]
+        if done:
+            keep = [i for i in range(len(self.names)) if i not in done]
+            self.batch.keep_rows(keep)
+            self.names = [self.names[i] for i in keep]
+
+
+@pytest.mark.parametrize("style", ["transformer", "linear", "sequential"])
+@pytest.mark.parametrize("plan", ["plain", "chain", "tree"])
+def test_rows_joining_and_leaving_decode_as_alone(style, plan):
+    if plan == "tree" and style == "sequential":
+        pytest.skip("trees need parallel heads")
+    for model in (tiny_model(2, n_future=3, head_style=style).double().eval(), agreeing_model(style, 3)):
+        solo = {name: generate(model, [p], N_NEW, speculative=False).tokens[0] for name, p in PROMPTS.items()}
+        from multitoken.draft_tree import DraftTree
+
+        plans = {
+            "plain": DraftPlan.chain(0),
+            "chain": DraftPlan.chain(2),
+            "tree": DraftPlan.of_tree(DraftTree.from_widths([3, 2]).tensors("cpu"), "tree"),
+        }
+        driver = Driver(model, plans[plan])
+        driver.join("a")
+        driver.step()
+        driver.join("b", chunk_sizes=[4, 3, 2])  # chunked prefill while "a" decodes
+        for _ in range(3):
+            driver.step()
+        driver.join("c")
+        while driver.names:
+            driver.step()
+        for name in PROMPTS:
+            assert driver.out[name][:N_NEW] == solo[name], name
+        driver.batch.close()
+
+
+def test_row_sampling_equals_shared_sampling_row_by_row():
+    torch.manual_seed(0)
+    logits_BTV = torch.randn(4, 3, 11) * 3
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.7, top_k=4),
+        SamplingParams(temperature=1.3, top_p=0.6),
+        SamplingParams(temperature=1.0, top_k=2, top_p=0.9),
+    ]
+    rows = sampling_probs(logits_BTV, RowSampling.build(params, "cpu"))
+    for b, p in enumerate(params):
+        torch.testing.assert_close(rows[b], sampling_probs(logits_BTV[b], p))
+    assert not RowSampling.build(params, "cpu").greedy and RowSampling.build(params[:1], "cpu").greedy
+
+
+def test_a_greedy_row_among_sampled_rows_decodes_greedily():
+    model = agreeing_model("linear", 3)
+    solo = generate(model, [PROMPTS["b"]], N_NEW, speculative=False).tokens[0]
+    batch = DecodeBatch(model, 3, 64)
+    for row, params in enumerate(
+        [SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=0.5)]
+    ):
+        batch.set_sampling(row, params)
+    batch.generator = torch.Generator().manual_seed(0)
+    record = prefill(batch, [PROMPTS["a"], PROMPTS["b"], PROMPTS["c"]])
+    tokens = record.tokens[1]
+    while len(tokens) < N_NEW:
+        tokens += decode_step(batch, DraftPlan.chain(2), [N_NEW] * 3).tokens[1]
+    assert tokens[:N_NEW] == solo
+    assert not batch.live_sampling(slice(0, 3)).greedy and batch.live_sampling(slice(1, 2)).greedy
+    batch.sampling = RowSampling.build([SamplingParams(), SamplingParams(temperature=1.0)], "cpu")
+    assert batch.live_sampling(slice(0, 1)).greedy and not batch.live_sampling(slice(0, 2)).greedy
+    batch.close()

@@ -1,0 +1,144 @@
+"""The adaptive draft policy: decisions on stub models with known acceptance, and lossless plan switching."""
+
+import itertools
+
+import pytest
+import torch
+from test_generate import PROMPTS, agreeing_model
+from test_speculative import PARAMS, chi2_pvalue, exact_laws, make_stub, peaky, sample_counts
+
+from multitoken.decoding import DraftPlan
+from multitoken.draft_policy import DraftPolicy, expected_chain_tokens, expected_tree_tokens
+from multitoken.draft_tree import DraftTree
+from multitoken.generate import generate
+from multitoken.step_costs import StepCosts
+
+from conftest import tiny_model
+
+# A machine where drafting pays when drafts are accepted: each extra position costs 10% of a step.
+COSTS = {1: {"plain": 1.0, "chain1": 1.1, "chain2": 1.2, "chain3": 1.3}}
+
+
+def stub_policy(n_heads=3, trees=False):
+    table = {b: dict(row) for b, row in COSTS.items()}
+    return DraftPolicy(n_heads, StepCosts(table), trees=trees, device="cpu", vocab_size=100)
+
+
+def plan_sequence(policy, model, prompt, n_new):
+    """The plan of every step of one generate() call, by wrapping the policy's choice."""
+    seen = []
+    choose = policy.choose
+
+    def recording(batch_size):
+        plan = choose(batch_size)
+        seen.append(plan.name)
+        return plan
+
+    policy.choose = recording
+    out = generate(model, [prompt], n_new, policy=policy)
+    return out, seen
+
+
+def test_expected_tokens_formulas():
+    assert expected_chain_tokens([0.5, 0.5, 0.5], 0) == 1.0
+    assert expected_chain_tokens([0.5, 0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+    tree = DraftTree.from_paths([(0,), (1,), (0, 0)])
+    rates = [[0.5, 0.2], [0.4, 0.1]]
+    assert expected_tree_tokens(rates, tree) == pytest.approx(1 + 0.5 + 0.2 + 0.5 * 0.4)
+    # A chain is the tree of rank-0 paths.
+    chain = DraftTree.from_paths([(0,), (0, 0)])
+    assert expected_tree_tokens(rates, chain) == pytest.approx(expected_chain_tokens([0.5, 0.4], 2))
+
+
+def test_never_accepted_heads_lead_to_plain_steps():
+    stub = make_stub(1, 4, lambda b, i, t: False, S=160)
+    prompt = stub.seq_BS[0, :3].tolist()
+    out, plans = plan_sequence(stub_policy(), stub, prompt, 120)
+    assert out.tokens == [stub.seq_BS[0, 3:123].tolist()]
+    first_plain = plans.index("plain")
+    assert first_plain <= 6  # a few drafting steps, then plain
+    later = plans[first_plain:]
+    drafting = [i for i, name in enumerate(later) if name != "plain"]
+    # Only probes draft now, at intervals that double (8, 16, 32, ...): 3 or 4 of them in ~110 steps.
+    assert 2 <= len(drafting) <= 4
+    assert all(later[i] == "chain3" for i in drafting)
+    gaps = [b - a for a, b in itertools.pairwise(drafting)]
+    assert gaps == sorted(gaps) and gaps[-1] >= 2 * gaps[0]
+
+
+def test_always_accepted_heads_lead_to_the_deepest_chain():
+    stub = make_stub(1, 4, lambda b, i, t: True, S=160)
+    prompt = stub.seq_BS[0, :3].tolist()
+    out, plans = plan_sequence(stub_policy(), stub, prompt, 100)
+    assert out.tokens == [stub.seq_BS[0, 3:103].tolist()]
+    assert set(plans[1:]) == {"chain3"}  # from the first observation on (the prior alone picks chain2)
+    assert out.stats.tokens_per_forward > 3.5
+
+
+def test_a_change_in_acceptance_is_followed():
+    """Heads right for the first 60 positions, wrong after: deep chains, then plain within a few steps."""
+    stub = make_stub(1, 4, lambda b, i, t: t < 60, S=260)
+    prompt = stub.seq_BS[0, :3].tolist()
+    out, plans = plan_sequence(stub_policy(), stub, prompt, 200)
+    assert out.tokens == [stub.seq_BS[0, 3:203].tolist()]
+    switch = next(i for i, name in enumerate(plans) if name == "plain")
+    assert switch > 10 and all(name == "chain3" for name in plans[1 : switch - 2])
+    tail = plans[switch:]
+    assert tail.count("plain") >= len(tail) - 5  # only probes draft now
+
+    # And back: heads wrong at first, right later; probes find out and drafting resumes.
+    stub = make_stub(1, 4, lambda b, i, t: t >= 40, S=260)
+    out, plans = plan_sequence(stub_policy(), stub, stub.seq_BS[0, :3].tolist(), 200)
+    assert out.tokens == [stub.seq_BS[0, 3:203].tolist()]
+    assert "plain" in plans[:20] and plans[-10:].count("chain3") >= 8
+
+
+class CyclingPolicy(DraftPolicy):
+    """Switches plan every step, through every chain length and a tree: each switch must be lossless."""
+
+    def __init__(self, n_heads, trees):
+        super().__init__(n_heads, StepCosts(), trees=trees, device="cpu", vocab_size=97)
+        self.cycle = [DraftPlan.chain(k) for k in range(n_heads + 1)]
+        if trees:
+            tree = DraftTree.from_widths([3] + [1] * (n_heads - 1))
+            self.cycle.append(DraftPlan.of_tree(tree.tensors("cpu"), "tree"))
+
+    def choose(self, batch_size):
+        self.steps += 1
+        return self.cycle[self.steps % len(self.cycle)]
+
+
+@pytest.mark.parametrize("style", ["transformer", "linear", "sequential"])
+def test_switching_plans_every_step_keeps_greedy_output(style):
+    trees = style != "sequential"
+    for model in (tiny_model(5, n_future=4, head_style=style).double().eval(), agreeing_model(style, 4)):
+        plain = generate(model, PROMPTS, 23, speculative=False, return_logits=True)
+        mixed = generate(model, PROMPTS, 23, policy=CyclingPolicy(3, trees), return_logits=True)
+        assert mixed.tokens == plain.tokens
+        for a, b in zip(mixed.logits, plain.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert mixed.stats.tokens_per_forward > 1.3 and len(mixed.stats.plans) == len(
+        CyclingPolicy(3, trees).cycle
+    )
+
+
+@pytest.mark.parametrize("style", ["transformer", "linear"])
+def test_switching_plans_keeps_the_sampling_law(style):
+    model = peaky(style)
+    law12, law23 = exact_laws(model)
+    c12, c23, stats = sample_counts(model, None, policy=CyclingPolicy(2, True))
+    assert chi2_pvalue(c12, law12) > 1e-3
+    assert chi2_pvalue(c23, law23) > 1e-3
+    assert len(stats.plans) >= 3
+    assert PARAMS.temperature > 0
+
+
+def test_default_policy_measures_costs_once_and_reuses_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTITOKEN_CACHE_DIR", str(tmp_path))
+    model = tiny_model(1, n_future=3, head_style="linear").eval()
+    first = generate(model, PROMPTS, 6)
+    assert first.stats.calibration_seconds > 0 and (tmp_path / "step_costs.json").is_file()
+    second = generate(model, PROMPTS, 6)
+    assert second.stats.calibration_seconds == 0 and second.tokens == first.tokens
+    (tmp_path / "step_costs.json").write_text("not json")  # a damaged cache is measured again
+    assert generate(model, PROMPTS, 6).stats.calibration_seconds > 0
