@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as read_safetensors
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
@@ -54,16 +59,27 @@ def save_checkpoint(
         shutil.rmtree(leftover, ignore_errors=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    model.config.save(tmp / CONFIG)
-    save_safetensors(plain_module(model), str(tmp / WEIGHTS))
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    _fsync_files(tmp)
+    try:
+        tmp.mkdir()
+        model.config.save(tmp / CONFIG)
+        save_safetensors(plain_module(model), str(tmp / WEIGHTS))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        _fsync_files(tmp)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        disk_error = isinstance(err, (OSError, SafetensorError))
+        if disk_error or (isinstance(err, RuntimeError) and "writ" in str(err).lower()):
+            kept = _read_latest(root)
+            raise UserError(
+                f"could not save checkpoint {final.name} in {root}: {_reason(err)}; "
+                + (f"the last good checkpoint {kept} is intact" if kept else "no earlier checkpoint exists")
+            ) from None
+        raise
     if final.exists():  # re-saving the same step (e.g. interrupt right after a periodic save)
         old = root / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -71,10 +87,16 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _write_atomic(root / LATEST, final.name + "\n")
+    write_text_atomic(root / LATEST, final.name + "\n")  # if this fails, `latest` names the previous step
     if keep > 0:
         prune_checkpoints(root, keep)
     return final
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
@@ -112,7 +134,10 @@ def find_latest(run_dir: str | Path) -> Path | None:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> MultiTokenLM:
     """The model of a checkpoint, in eval mode."""
     ckpt = resolve_checkpoint(path)
-    model = MultiTokenLM(ModelConfig.load(ckpt / CONFIG))
+    config = ModelConfig.load(ckpt / CONFIG)
+    with torch.device("meta"):  # check names and shapes before allocating a model of an edited size
+        check_weights(ckpt, MultiTokenLM(config).state_dict())
+    model = MultiTokenLM(config)
     load_weights(model, ckpt)
     return model.to(device).eval()
 
@@ -131,13 +156,48 @@ def check_config(config: ModelConfig, ckpt: str | Path) -> None:
 
 
 def load_weights(model: MultiTokenLM, ckpt: str | Path) -> None:
-    """Load a checkpoint's weights into `model`, refusing one whose config differs."""
+    """Load a checkpoint's weights into `model`, refusing one whose config, names or shapes differ."""
     ckpt = Path(ckpt)
     check_config(model.config, ckpt)
-    missing, unexpected = load_safetensors(plain_module(model), str(ckpt / WEIGHTS), strict=False)
+    check_weights(ckpt, plain_module(model).state_dict())
+    try:
+        load_safetensors(plain_module(model), str(ckpt / WEIGHTS), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise UserError(f"checkpoint weights {ckpt / WEIGHTS} are unreadable: {_reason(err)}") from None
+
+
+def weight_shapes(ckpt: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a weights file's header; UserError for a file that is not safetensors."""
+    path = Path(ckpt) / WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(
+            f"checkpoint weights {path} are not a readable safetensors file: {_reason(err)}"
+        ) from None
+
+
+def check_weights(ckpt: str | Path, expected: dict[str, torch.Tensor]) -> None:
+    """Refuse a weights file whose tensor names or shapes differ from `expected` (a state_dict)."""
+    shapes = weight_shapes(ckpt)
+    tied = [n for n in TIED_NAMES if n in expected and n not in shapes]
+    if len(tied) == 1 and all(n in shapes or n in tied for n in TIED_NAMES if n in expected):
+        expected = {k: v for k, v in expected.items() if k != tied[0]}  # tied weights are stored once
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise UserError(
-            f"checkpoint {ckpt} weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"checkpoint {ckpt} weights do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    wrong = [
+        f"{name} {list(shapes[name])} vs {list(t.shape)}"
+        for name, t in expected.items()
+        if tuple(t.shape) != shapes[name]
+    ]
+    if wrong:
+        raise UserError(
+            f"checkpoint {ckpt} weights do not match its config.json ({len(wrong)} shapes differ: {wrong[0]})"
         )
 
 
@@ -151,8 +211,14 @@ def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
     model's `state_dict()` has them.
     """
     ckpt = Path(ckpt)
-    state = read_safetensors(str(ckpt / WEIGHTS))
-    if ModelConfig.load(ckpt / CONFIG).tie_embeddings:
+    config = ModelConfig.load(ckpt / CONFIG)
+    with torch.device("meta"):
+        check_weights(ckpt, MultiTokenLM(config).state_dict())
+    try:
+        state = read_safetensors(str(ckpt / WEIGHTS))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise UserError(f"checkpoint weights {ckpt / WEIGHTS} are unreadable: {_reason(err)}") from None
+    if config.tie_embeddings:
         weight = next(state[name] for name in TIED_NAMES if name in state)
         state.update(dict.fromkeys(TIED_NAMES, weight))
     return state
@@ -173,7 +239,16 @@ def load_trainer_state(ckpt: str | Path, mmap: bool = False) -> dict[str, Any]:
     path = Path(ckpt) / TRAINER_STATE
     if not path.is_file():
         raise UserError(f"checkpoint {ckpt} has no trainer state to resume from")
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise UserError(
+            f"trainer state {path} is unreadable (truncated or not ours): {_reason(err)}"
+        ) from None
+    missing = [k for k in ("optimizer", "step", "torch_rng") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"trainer state {path} lacks {', '.join(missing)}")
+    return state
 
 
 def plain_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -183,17 +258,32 @@ def plain_module(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+STEP_NAME = re.compile(r"step_\d+")
+_warned_dangling: set[Path] = set()
+
+
 def _read_latest(root: Path) -> str | None:
-    """The checkpoint `latest` names; if it names none (a crash between two renames of a re-save),
-    the newest complete step directory."""
+    """The checkpoint `latest` names; if it names none (a crash between two renames of a re-save, or
+    an edited file), the newest complete step directory, said once in a line on stderr."""
     try:
-        name = (root / LATEST).read_text().strip()
-    except OSError:
-        return None
-    if name and (root / name).is_dir():
+        name = (root / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        name = None
+        if not (root / LATEST).exists():
+            return None
+    if name and STEP_NAME.fullmatch(name) and (root / name).is_dir():
         return name
     complete = [p for p in _step_dirs(root) if (p / WEIGHTS).is_file()]
-    return complete[-1].name if complete else None
+    fallback = complete[-1].name if complete else None
+    if root not in _warned_dangling:
+        _warned_dangling.add(root)
+        shown = repr(name[:40]) if name is not None else "an unreadable name"
+        print(
+            f"multitoken: warning: {root / LATEST} names {shown}, which is not a checkpoint; "
+            + (f"using the newest complete one, {fallback}" if fallback else "no complete checkpoint found"),
+            file=sys.stderr,
+        )
+    return fallback
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -203,12 +293,17 @@ def _step_dirs(root: Path) -> list[Path]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` through a synced temporary sibling; nothing is left behind on failure."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_files(directory: Path) -> None:
@@ -219,5 +314,13 @@ def _fsync_files(directory: Path) -> None:
 
 
 def write_json(path: str | Path, values: dict[str, Any]) -> None:
-    """Write a JSON file atomically."""
-    _write_atomic(Path(path), json.dumps(values, indent=2, default=str) + "\n")
+    """Write a JSON file atomically; a full disk or an unwritable folder is one UserError line."""
+    write_text_atomic(path, json.dumps(values, indent=2, default=str) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace a text file atomically; UserError (nothing changed) when it cannot be written."""
+    try:
+        _write_atomic(Path(path), text)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {_reason(err)}") from None

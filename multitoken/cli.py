@@ -1,6 +1,6 @@
-"""The `multitoken` command: subcommands mapped to typed functions and dataclasses.
+"""The `multitoken` command line (the user-facing description is `DESCRIPTION` below).
 
-Flags are the dataclass fields or function parameters in kebab case (`n_future` -> `--n-future`), with
+Each subcommand maps to a typed function or config dataclass. Flags are the dataclass fields or function parameters in kebab case (`n_future` -> `--n-future`), with
 help from the field docstrings. `--config FILE.yaml` supplies any field; flags given on the command line
 override it. A user error prints one line and exits with status 2.
 """
@@ -16,11 +16,17 @@ import sys
 import textwrap
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from multitoken.config import dataclass_from_dict, strip_optional
+from multitoken.config import coerce_value, dataclass_from_dict, strip_optional
 from multitoken.errors import UserError
+
+DESCRIPTION = """Train, evaluate and run language models that predict several future tokens at once
+(multi-token prediction), and decode faster with their extra heads (self-speculative decoding).
+
+A first run: `multitoken prepare` a corpus into token shards, `multitoken train` a model on them,
+then `multitoken generate` text or `multitoken eval` it. `multitoken COMMAND --help` explains each
+command and its flags; every flag can also come from a YAML file (`--config FILE.yaml`)."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -53,36 +59,66 @@ def attribute_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+ARGS_HEADINGS = ("Args:", "Arguments:")
+
+
 def param_docs(fn: Callable) -> dict[str, str]:
-    """`name: text` lines from the Args section of a Google-style docstring."""
-    docs, in_args = {}, False
+    """`name: text` entries from the Args section of a Google-style docstring; an entry's text goes on
+    over the more deeply indented lines below it."""
+    docs, in_args, name, entry_indent = {}, False, None, 0
     for line in (inspect.getdoc(fn) or "").splitlines():
         stripped = line.strip()
-        if stripped in ("Args:", "Arguments:"):
+        indent = len(line) - len(line.lstrip())
+        if stripped in ARGS_HEADINGS:
             in_args = True
-        elif in_args and ":" in stripped and not line.startswith(" " * 8):
-            name, text = stripped.split(":", 1)
-            docs[name.strip()] = text.strip()
         elif in_args and not stripped:
-            in_args = False
+            in_args, name = False, None
+        elif in_args and name is not None and indent > entry_indent:
+            docs[name] += " " + stripped
+        elif in_args and ":" in stripped:
+            name, text = stripped.split(":", 1)
+            name, entry_indent = name.strip(), indent
+            docs[name] = text.strip()
     return docs
 
 
+def description(fn: Callable) -> str:
+    """A command's docstring without its Args section (argparse lists the flags itself)."""
+    kept, in_args = [], False
+    for line in (inspect.getdoc(fn) or "").splitlines():
+        if line.strip() in ARGS_HEADINGS:
+            in_args = True
+        elif in_args and line.strip() and not line.startswith(" "):
+            in_args = False
+        if not in_args:
+            kept.append(line)
+    return "\n".join(kept).strip()
+
+
+def with_default(help_text: str, default: Any) -> str:
+    """Help text with its default appended, unless the text states it already or there is none to show."""
+    if default is None or default == "" or "(default" in help_text or "default:" in help_text:
+        return help_text
+    if isinstance(default, bool):
+        return help_text  # --x / --no-x: the text says what x means
+    return f"{help_text} (default: {default})"
+
+
 def _scalar(tp: Any) -> Callable[[str], Any]:
-    if tp is bool:
-        return _parse_bool
-    if tp in (int, float, str):
-        return tp
-    return str
+    """The flag parser for one value: finite numbers, true/false/yes/no, or text."""
+    if tp not in (bool, int, float):
+        return str
 
+    def parse(text: str) -> Any:
+        try:
+            return coerce_value(text, tp, "")
+        except UserError as err:
+            if "finite" in str(err):
+                raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}") from None
+            raise ValueError(text) from None  # argparse: "invalid int value: 'three'"
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    parse.__name__ = tp.__name__  # argparse names the type in "invalid int value" messages
+    return parse
 
 
 VERBATIM_LIST_FLAGS = frozenset({"stop"})
@@ -183,30 +219,37 @@ def _describe(parser: argparse.ArgumentParser, command: Command) -> None:
                     name, type=_scalar(strip_optional(hints.get(name, str))), help=docs.get(name)
                 )
                 continue
-            suffix = "(required)" if required else f"(default: {param.default})"
-            add_argument(
-                parser, name, hints.get(name, str), f"{docs.get(name, '')} {suffix}", required=required
-            )
+            text = docs.get(name, "")
+            text = f"{text} (required)" if required else with_default(text, param.default)
+            add_argument(parser, name, hints.get(name, str), text, required=required)
         return
     parser.add_argument(
         "--config", dest="__config", default=None, metavar="FILE.yaml", help="YAML file of fields"
     )
+    from multitoken.config import PRESETS
+
+    preset_fields = {name for shape in PRESETS.values() for name in shape}
     for cls in (command.config_cls, *command.extra_fields):
         docs, hints = attribute_docs(cls), _resolved_hints(cls)
         for f in dataclasses.fields(cls):
             if cls is not command.config_cls and f.name == "vocab_size":
                 continue  # comes from the data
-            default = f.default if f.default is not dataclasses.MISSING else "derived"
-            add_argument(parser, f.name, hints[f.name], f"{docs.get(f.name, '')} (default: {default})")
+            text = docs.get(f.name, "")
+            if cls is not command.config_cls and f.name in preset_fields:
+                text += " (default: set by --preset)"
+            elif f.default is not dataclasses.MISSING:
+                text = with_default(text, f.default)
+            add_argument(parser, f.name, hints[f.name], text)
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
+    from multitoken.files import read_text
+
+    text = read_text(path, "config")
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise UserError(f"cannot read config {path}: {err.strerror}") from err
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise UserError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(values, dict):
@@ -221,7 +264,10 @@ def explicit_values(command: Command, namespace: argparse.Namespace) -> dict[str
     values = _load_yaml(config_path) if config_path else {}
     if command.nested_key:
         nested_names = {f.name for cls in command.extra_fields for f in dataclasses.fields(cls)}
-        nested = dict(values.pop(command.nested_key, None) or {})
+        nested = values.pop(command.nested_key, None) or {}
+        if not isinstance(nested, dict):
+            raise UserError(f"config {config_path}: {command.nested_key} must be a mapping of field: value")
+        nested = dict(nested)
         for source in (values, given):
             for name in list(source):
                 if name in nested_names:
@@ -252,53 +298,37 @@ def commands() -> list[Command]:
         Command(("prepare",), prepare, PrepareConfig),
         Command(("train",), train, TrainConfig, (ModelConfig,), "model", resolve_cli_config),
     ]
-    found += _optional_commands()
+    from multitoken.evals.cli import eval_commands
+    from multitoken.experiments.cli import experiment_commands
+    from multitoken.generate_cli import generate_cli
+    from multitoken.lab.cli import lab_commands
+    from multitoken.lab.scaling import scaling_fit
+    from multitoken.lab.scaling_run import scaling_run_cli
+
+    found.append(Command(("generate",), generate_cli, aliases=(("--no-speculative", "speculative", "off"),)))
+    for path, fn in (*eval_commands(), *experiment_commands(), *lab_commands()):
+        found.append(Command(path, fn))
+    found.append(Command(("lab", "scaling", "fit"), scaling_fit, positional=("csv",)))
+    found.append(Command(("lab", "scaling", "run"), scaling_run_cli))
     return found
 
 
-def _optional_commands() -> list[Command]:
-    """Commands whose modules may be absent in a partial install."""
-    found = []
-    try:
-        from multitoken.generate_cli import generate_cli
-
-        found.append(
-            Command(("generate",), generate_cli, aliases=(("--no-speculative", "speculative", "off"),))
-        )
-    except ImportError:
-        pass
-    try:
-        from multitoken.evals.cli import eval_commands
-
-        found += [Command(path, fn) for path, fn in eval_commands()]
-    except ImportError:
-        pass
-    for module, function in (
-        ("multitoken.experiments.cli", "experiment_commands"),
-        ("multitoken.lab.cli", "lab_commands"),
-    ):
-        try:
-            pairs = getattr(__import__(module, fromlist=[function]), function)()
-        except ImportError:
-            continue
-        found += [Command(path, fn) for path, fn in pairs]
-    try:
-        from multitoken.lab.scaling import scaling_fit
-
-        found.append(Command(("lab", "scaling", "fit"), scaling_fit, positional=("csv",)))
-    except ImportError:
-        pass
-    try:
-        from multitoken.lab.scaling_run import scaling_run_cli
-
-        found.append(Command(("lab", "scaling", "run"), scaling_run_cli))
-    except ImportError:
-        pass
-    return found
+GROUP_HELP = {
+    ("eval",): "measure a checkpoint: loss and bits per byte, HumanEval, MBPP, lm-evaluation-harness",
+    ("experiment",): "the paper's experiments (induction, polynomial arithmetic, bytes, n sweep)",
+    ("lab",): "studies of how language models learn, on models you train or bring",
+    ("lab", "scaling"): "scaling laws: fit L(N, D) to points, or run a grid and predict a bigger run",
+}
 
 
 def build_parser(available: list[Command]) -> OneLineParser:
-    parser = OneLineParser(prog="multitoken", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(
+        prog="multitoken",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"multitoken {_version()}")
     groups: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(dest="__command_0", metavar="COMMAND")}
     parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {}
     for command in available:
@@ -310,9 +340,10 @@ def build_parser(available: list[Command]) -> OneLineParser:
             is_leaf = depth == len(command.path)
             sub = parent.add_parser(
                 prefix[-1],
-                help=command.help if is_leaf else f"{' '.join(prefix)} commands",
-                description=inspect.getdoc(command.target) if is_leaf else None,
+                help=command.help if is_leaf else GROUP_HELP.get(prefix, f"{' '.join(prefix)} commands"),
+                description=description(command.target) if is_leaf else GROUP_HELP.get(prefix),
                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                allow_abbrev=False,
             )
             sub.__class__ = OneLineParser
             parsers[prefix] = sub
@@ -322,6 +353,15 @@ def build_parser(available: list[Command]) -> OneLineParser:
             else:
                 groups[prefix] = sub.add_subparsers(dest=f"__command_{depth}", metavar="COMMAND")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("multitoken")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         return exit_.code if isinstance(exit_.code, int) else 2
-    except KeyboardInterrupt:
-        print("multitoken: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"multitoken: {err or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

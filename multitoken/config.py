@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -56,6 +57,16 @@ class ModelConfig:
     """Standard deviation of the normal initialisation of linear and embedding weights."""
 
     def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if self.n_future < 1:
+            raise UserError(f"n_future must be at least 1, got {self.n_future}")
+        if self.n_future > self.n_layers:  # before head_offsets is built from it
+            raise UserError(
+                f"n_future={self.n_future} heads need at least as many layers, got n_layers={self.n_layers}"
+            )
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_offsets is None:
@@ -103,6 +114,9 @@ class ModelConfig:
             )
         if self.max_seq_len < 1:
             raise UserError(f"max_seq_len must be positive, got {self.max_seq_len}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                raise UserError(f"{name} must be a positive finite number, got {getattr(self, name)}")
         if self.n_trunk_layers < 0:
             raise UserError(f"n_layers={self.n_layers} leaves no room for {self.n_future} heads")
 
@@ -137,20 +151,27 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
+        from multitoken.files import read_json
+
+        values = read_json(path, "model config")
         try:
-            values = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"cannot read model config {path}: {err}") from err
-        return cls.from_dict(values)
+            return cls.from_dict(values)
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
 
 
-def dataclass_from_dict(cls: type, values: dict[str, Any], what: str = "config"):
-    """`cls(**values)`, with a UserError naming any field `cls` does not have."""
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+def dataclass_from_dict(cls: type, values: Any, what: str = "config"):
+    """`cls(**values)` after checking every value against its field's type; UserError naming any
+    unknown field or wrongly typed value (the one gate for YAML, JSON and programmatic configs)."""
+    if not isinstance(values, dict):
+        raise UserError(f"{what} must be a mapping of field: value, got {type(values).__name__}")
+    unknown = sorted(set(map(str, values)) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise UserError(f"unknown {what} field(s): {', '.join(unknown)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{name: _as_field_type(name, value, hints[name], what) for name, value in values.items()})
+    return cls(
+        **{name: coerce_value(value, hints[name], f"{what} field {name}") for name, value in values.items()}
+    )
 
 
 def strip_optional(tp: Any) -> Any:
@@ -162,23 +183,78 @@ def strip_optional(tp: Any) -> Any:
     return tp
 
 
-def _as_field_type(name: str, value: Any, annotation: Any, what: str) -> Any:
-    """A YAML or JSON value as its int or float field wants it (YAML reads `1e-3` as a string)."""
-    if value is None and type(None) in typing.get_args(annotation):
-        return None
-    tp = strip_optional(annotation)
-    if tp not in (int, float):
+TRUE_WORDS = ("true", "yes")
+FALSE_WORDS = ("false", "no")
+
+
+def parse_bool(value: Any, what: str = "value") -> bool:
+    """A real boolean, or the words true/false/yes/no (any case); anything else is a UserError."""
+    if isinstance(value, bool):
         return value
     if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in TRUE_WORDS:
+            return True
+        if lowered in FALSE_WORDS:
+            return False
+    raise UserError(f"{what} must be true or false, got {value!r}")
+
+
+def parse_number(value: Any, tp: type, what: str = "value") -> int | float:
+    """An int or a finite float from a number or its text (YAML reads `1e-3` as a string); NaN and
+    infinities are refused, since no setting means them."""
+    if isinstance(value, str):
+        text = value.strip()
         try:
-            value = float(value) if tp is float else int(value)
+            value = float(text) if tp is float else int(text)
         except ValueError:
-            raise UserError(f"{what} field {name} must be {tp.__name__}, got {value!r}") from None
+            try:
+                value = float(text)  # "1e6" for an int field
+            except ValueError:
+                raise UserError(f"{what} must be {tp.__name__}, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{what} field {name} must be {tp.__name__}, got {value!r}")
+        raise UserError(f"{what} must be {tp.__name__}, got {value!r}")
+    if not math.isfinite(value):
+        raise UserError(f"{what} must be a finite number, got {value!r}")
     if tp is int and not float(value).is_integer():
-        raise UserError(f"{what} field {name} must be int, got {value!r}")
+        raise UserError(f"{what} must be int, got {value!r}")
     return tp(value)
+
+
+def coerce_value(value: Any, annotation: Any, what: str = "value") -> Any:
+    """`value` as the type `annotation` names (int, float, bool, str, Literal, list[...], dict, optional),
+    or a UserError saying what was expected."""
+    if value is None:
+        if type(None) in typing.get_args(annotation) or annotation is Any:
+            return None
+        raise UserError(f"{what} must not be empty (null)")
+    tp = strip_optional(annotation)
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is bool:
+        return parse_bool(value, what)
+    if tp in (int, float):
+        return parse_number(value, tp, what)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise UserError(f"{what} must be text, got {value!r}")
+        return str(value)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UserError(f"{what} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{what} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        return [coerce_value(v, args[0], what) for v in value] if args else list(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{what} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
 
 
 # Shapes only; vocab_size comes from the data. `debug` runs in seconds on a CPU, `tiny`/`small` in minutes.

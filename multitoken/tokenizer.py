@@ -129,14 +129,25 @@ def byte_tokenizer() -> Tokenizer:
     return Tokenizer(hf, kind="byte")
 
 
+MAX_VOCAB_SIZE = 1 << 24
+"""Largest BPE vocabulary we train (16.8M, far past any model's): larger sizes abort inside the Rust trainer."""
+
+
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    """UserError unless a byte-level BPE of `vocab_size` ids can be trained."""
+    minimum = 256 + len(SPECIALS)
+    if vocab_size < minimum:
+        raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {minimum}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(f"vocab_size {vocab_size} is too large: at most {MAX_VOCAB_SIZE:,} ids")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE tokenizer of at most `vocab_size` ids (256 bytes + 2 specials + merges).
 
     The vocabulary can come out smaller when the corpus runs out of pairs to merge; read `vocab_size`.
     """
-    minimum = 256 + len(SPECIALS)
-    if vocab_size < minimum:
-        raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {minimum}")
+    check_bpe_vocab_size(vocab_size)
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()

@@ -8,10 +8,10 @@ whole global batch, so results do not depend on the number of processes or micro
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +20,19 @@ from typing import Any
 import torch
 
 from multitoken import checkpoint as ckpt_io
-from multitoken.config import ModelConfig, dataclass_from_dict, preset_config
+from multitoken.config import ModelConfig, coerce_value, dataclass_from_dict, preset_config
 from multitoken.data.loader import TokenDataset
 from multitoken.distributed import Dist
 from multitoken.errors import UserError
+from multitoken.files import check_output_parent, read_json
 from multitoken.loss import IGNORE_INDEX, build_targets, head_metrics, multi_token_backward
 from multitoken.model import Block, MultiTokenLM
+from multitoken.train_log import check_metrics
 
 TRAIN_CONFIG = "train_config.json"
+MAX_TOKENS_PER_STEP = 1 << 30
+"""Most tokens in one global batch (1.07B, 100x the largest published LLM batches): the batch of a step
+is built whole in memory, so larger values would only exhaust it."""
 
 
 @dataclass
@@ -56,6 +61,9 @@ class TrainConfig:
     """Linear warmup steps."""
     max_steps: int = 2000
     """Optimizer steps in the whole run."""
+    decay_steps: int = 0
+    """Steps of the warmup + cosine schedule; 0 means max_steps. Resuming with a larger max_steps keeps the
+    run's schedule (the extra steps run at the final learning rate) unless you pass this."""
     weight_decay: float = 0.1
     """AdamW weight decay on matrices (not on norms or embeddings)."""
     beta1: float = 0.9
@@ -96,13 +104,24 @@ class TrainConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{f.name} must be a finite number, got {value}")
         positive = ("batch_size", "seq_len", "max_steps", "log_every", "chunk_size", "val_batches")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
-        non_negative = ("micro_batch_size", "warmup_steps", "weight_decay", "grad_clip", "seed")
+        non_negative = (
+            "micro_batch_size",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "seed",
+            "decay_steps",
+        )
         non_negative += ("val_every", "save_every", "keep")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -114,16 +133,28 @@ class TrainConfig:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not isinstance(self.model, dict):
+            raise UserError(f"model must be a mapping of ModelConfig fields, got {self.model!r}")
         unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(ModelConfig)})
         if unknown:
             raise UserError(f"unknown model config field(s): {', '.join(unknown)}")
+        hints = typing.get_type_hints(ModelConfig)
+        self.model = {k: coerce_value(v, hints[k], f"model field {k}") for k, v in self.model.items()}
+        if self.batch_size * self.seq_len > MAX_TOKENS_PER_STEP:
+            raise UserError(
+                f"batch_size={self.batch_size} x seq_len={self.seq_len} is more than "
+                f"{MAX_TOKENS_PER_STEP:,} tokens per step"
+            )
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The model this run trains, for a dataset of `vocab_size` tokens."""
         overrides = {**self.model, "vocab_size": vocab_size}
         config = preset_config(self.preset, **overrides)
         if self.seq_len > config.max_seq_len:
-            config = dataclasses.replace(config, max_seq_len=self.seq_len)
+            raise UserError(
+                f"seq_len={self.seq_len} is longer than the model's context, max_seq_len={config.max_seq_len} "
+                f"(preset {self.preset}); use a shorter --seq-len or pass --max-seq-len {self.seq_len}"
+            )
         if max(config.head_offsets) >= self.seq_len:
             raise UserError(
                 f"head offset {max(config.head_offsets)} reaches past every window of seq_len={self.seq_len}: "
@@ -141,6 +172,8 @@ class TrainConfig:
 
 # Fields that may differ between a run and its resumption without changing what is trained.
 RESUME_MUTABLE = {
+    "out",  # a run directory may be moved or copied and resumed where it now lives
+    "decay_steps",
     "resume",
     "max_steps",
     "log_every",
@@ -155,10 +188,12 @@ RESUME_MUTABLE = {
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at decay_steps (0: max_steps),
+    constant after."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    horizon = cfg.decay_steps or cfg.max_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
@@ -177,6 +212,10 @@ def _compile_blocks(model: MultiTokenLM) -> None:
             module.compile()
 
 
+class NonFiniteLoss(UserError):
+    """A step's loss or gradient norm was NaN or infinite; the step was not applied."""
+
+
 class Trainer:
     """Owns one run: model, optimizer, data, logging and checkpoints."""
 
@@ -190,6 +229,7 @@ class Trainer:
             )
         self.sharded = cfg.fsdp
         self.run_dir = Path(cfg.out)
+        check_output_parent(self.run_dir / TRAIN_CONFIG, "run directory")
         self.train_data = TokenDataset(cfg.data, "train")
         self.val_data = TokenDataset(cfg.data, "val")
         self.tokenizer = self.train_data.tokenizer()
@@ -243,7 +283,8 @@ class Trainer:
         return torch.bfloat16 if wanted == "bfloat16" else None
 
     def _prepare_run_dir(self) -> None:
-        """Refuse to clobber another run; on --resume, load the latest checkpoint."""
+        """Refuse to clobber another run; on --resume, load the latest checkpoint. Every check runs before
+        anything on disk is written."""
         saved_path = self.run_dir / TRAIN_CONFIG
         latest = ckpt_io.find_latest(self.run_dir)
         if self.cfg.resume:
@@ -253,8 +294,10 @@ class Trainer:
                 raise UserError(
                     f"nothing to resume in {self.run_dir}: no checkpoint found{hint if never_saved else ''}"
                 )
-            self._check_same_run(saved_path)
+            saved = self._check_same_run(saved_path)
             self._load_state(latest)
+            check_metrics(self.run_dir, self.dist.is_main)
+            self._keep_schedule(saved)
             # Keep the run's config as resumed (e.g. a new max_steps), so a later --resume continues it.
             self.dist.barrier()
             if self.dist.is_main:
@@ -270,19 +313,38 @@ class Trainer:
             self._check_same_run(saved_path)
         self.dist.barrier()  # every rank has checked before rank 0 writes
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"cannot create run directory {self.run_dir}: {err.strerror}") from None
             ckpt_io.write_json(saved_path, self.cfg.to_dict())
         self.dist.barrier()
 
-    def _check_same_run(self, saved_path: Path) -> None:
+    def _check_same_run(self, saved_path: Path) -> dict[str, Any]:
+        """The saved run config, after refusing one that describes a different run."""
         if not saved_path.exists():
-            return
-        saved = json.loads(saved_path.read_text())
+            return {}
+        saved = read_json(saved_path, "run config")
         mine = self.cfg.to_dict()
         diffs = sorted(k for k in mine if k not in RESUME_MUTABLE and saved.get(k) != mine[k])
         if diffs:
             raise UserError(
                 f"{self.run_dir} holds a different run (differs in {', '.join(diffs)}); choose another --out"
+            )
+        return saved
+
+    def _keep_schedule(self, saved: dict[str, Any]) -> None:
+        """A resumed run with a new max_steps keeps its learning-rate schedule, and says so."""
+        cfg = self.cfg
+        old_steps = saved.get("max_steps")
+        if not isinstance(old_steps, int) or old_steps == cfg.max_steps or cfg.decay_steps:
+            return
+        cfg.decay_steps = saved.get("decay_steps") or old_steps
+        if self.dist.is_main:
+            print(
+                f"max_steps {old_steps} -> {cfg.max_steps}: the learning rate keeps this run's schedule "
+                f"(cosine to step {cfg.decay_steps}, then {cfg.lr * cfg.min_lr_ratio:.3g}); "
+                f"pass --decay-steps {cfg.max_steps} to stretch it instead"
             )
 
     def _load_state(self, latest: Path) -> None:
@@ -346,6 +408,12 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         if self.sharded:
             grad_norm = grad_norm.full_tensor()  # a DTensor over the shards
+        if not (torch.isfinite(loss_sums_N).all() and math.isfinite(float(grad_norm))):
+            self.optimizer.zero_grad(set_to_none=True)  # the weights stay those of the last good step
+            raise NonFiniteLoss(
+                f"the loss became non-finite at step {self.step + 1} (loss sums {loss_sums_N.tolist()}, "
+                f"gradient norm {float(grad_norm):.4g})"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -433,10 +501,25 @@ class Trainer:
         return path
 
     def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested:  # the second signal: stop now, without waiting for the step to end
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            raise KeyboardInterrupt(
+                f"stopped at once by a second {signal.Signals(signum).name} during step {self.step + 1}; "
+                f"{self._last_checkpoint_text()}"
+            )
         self._stop_requested = True
 
+    def _last_checkpoint_text(self) -> str:
+        latest = ckpt_io.find_latest(self.run_dir)
+        return f"the last checkpoint is {latest}" if latest else "no checkpoint was saved"
+
     def fit(self) -> dict[str, float]:
-        """Train to max_steps (or until SIGINT/SIGTERM, which saves and returns). Returns the last metrics."""
+        """Train to max_steps (or until SIGINT/SIGTERM, which saves and returns). Returns the last metrics.
+
+        A step whose loss or gradient norm is NaN or infinite stops the run at once (no tolerance: that
+        step is not applied and nothing is saved), so the newest checkpoint is always a finite one.
+        """
         from multitoken.train_log import TrainLogger
 
         cfg = self.cfg
@@ -448,7 +531,12 @@ class Trainer:
             self.model.train()
             while self.step < cfg.max_steps:
                 started = time.perf_counter()
-                metrics = self.train_step()
+                try:
+                    metrics = self.train_step()
+                except NonFiniteLoss as err:
+                    raise NonFiniteLoss(
+                        f"{err}; stopped without saving: {self._last_checkpoint_text()}"
+                    ) from None
                 elapsed = time.perf_counter() - started
                 metrics["tokens_per_s"] = tokens_per_step / elapsed
                 at_end = self.step == cfg.max_steps
@@ -463,6 +551,7 @@ class Trainer:
                     break
             if self.step != self.saved_step:  # an interrupt right after a periodic save has nothing new
                 self.save()
+            logger.write(f"saved step {self.step} in {ckpt_io.find_latest(self.run_dir)}")
         finally:
             logger.close()
             for sig, handler in previous.items():
@@ -471,7 +560,13 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
-    """Train a multi-token model as `cfg` describes; returns the last logged metrics."""
+    """Train a multi-token-prediction model on prepared data, or resume a run with --resume.
+
+    The model shape comes from --preset, with any field (--n-future, --head-style, --dim, ...)
+    overridden. The run folder (--out) gets metrics.jsonl, TensorBoard logs and checkpoints written
+    atomically; Ctrl-C or SIGTERM saves a checkpoint and stops (a second one stops at once).
+    Returns the last logged metrics.
+    """
     trainer = Trainer(cfg)
     try:
         return trainer.fit()
@@ -485,8 +580,10 @@ def resolve_cli_config(explicit: dict[str, Any]) -> TrainConfig:
     if values.get("resume"):
         saved_path = Path(values.get("out", TrainConfig.out)) / TRAIN_CONFIG
         if saved_path.exists():
-            saved = json.loads(saved_path.read_text())
-            saved_model = saved.get("model", {})
+            saved = read_json(saved_path, "run config")
+            saved_model = saved.get("model") or {}
+            if not isinstance(saved_model, dict):
+                raise UserError(f"run config {saved_path}: field model must be a mapping")
             values = {**saved, **values, "model": {**saved_model, **values.get("model", {})}}
     return TrainConfig.from_dict(values)
 

@@ -3,12 +3,56 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from multitoken.errors import UserError
+
 METRICS = "metrics.jsonl"
+
+
+def read_metrics(path: str | Path, warn: bool = False) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A cut-off last line (a crash or a full disk during a write) is
+    dropped, with a warning on stderr when `warn`; a damaged line before it is a UserError."""
+    path = Path(path)
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    records = []
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    for i, (n, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError
+        except ValueError:
+            if i == len(numbered) - 1:
+                if warn:
+                    print(f"multitoken: warning: {path} line {n} is cut off; dropping it", file=sys.stderr)
+                break
+            raise UserError(f"{path} line {n} is not a metrics record; fix or remove that line") from None
+        records.append(record)
+    return records
+
+
+def check_metrics(run_dir: str | Path, warn: bool = True) -> None:
+    """Refuse a run whose metrics.jsonl is damaged before its last line (read before anything is written)."""
+    read_metrics(Path(run_dir) / METRICS, warn=warn)
+
+
+def format_metric(name: str, value: float) -> str:
+    """A metric as people read it: `tokens_per_s=32,410`, `lr=0.003`, `loss=4.1234`."""
+    if name.startswith("tokens_per"):
+        return f"{name}={value:,.0f}"
+    if name == "lr":
+        return f"{name}={value:.3g}"
+    return f"{name}={value:.4f}"
 
 
 class TrainLogger:
@@ -31,12 +75,14 @@ class TrainLogger:
             )
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the records up to `step` (a resumed run logs the later ones again), replacing the file
+        atomically."""
+        from multitoken.checkpoint import write_text_atomic
+
         if not self.path.exists():
             return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
         if not self.enabled:
@@ -57,7 +103,7 @@ class TrainLogger:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)
         if self.bar is None:
-            print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+            print(f"step {step}: " + " ".join(format_metric(k, v) for k, v in metrics.items()), flush=True)
 
     def write(self, message: str) -> None:
         if self.enabled:

@@ -45,7 +45,8 @@ def test_a_failed_save_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert ckpt_io.find_latest(tmp_path) == before
     loaded = ckpt_io.load_model(tmp_path)
     torch.testing.assert_close(loaded.output.weight, model.output.weight)
-    assert list((tmp_path / "checkpoints").glob(".tmp-*"))  # the half-written save
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # an interrupted save cleans up
+    (tmp_path / "checkpoints" / ".tmp-step_000002-999").mkdir()  # what a kill -9 mid-save leaves
     monkeypatch.undo()
     ckpt_io.save_checkpoint(tmp_path, 3, model)
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # cleared by the next save

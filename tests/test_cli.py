@@ -177,7 +177,7 @@ def test_checkpoint_whose_config_does_not_match(trained_run, tmp_path, capsys):
         (["--prompt", ""], "empty"),
         (["--prompt", "x" * 300], "exceeds the model's context of 256 tokens"),
         (["--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
-        (["--prompt", "x", "--temperature", "nan"], "temperature must be a finite number >= 0"),
+        (["--prompt", "x", "--temperature", "nan"], "--temperature: must be a finite number"),
         (["--prompt", "x", "--device", "gpu"], "unknown device 'gpu'"),
         (["--prompt", "x", "--device", "cuda:99"], "device 'cuda:99' is not available here"),
         (["--prompt", "x", "--draft-tree", "300"], "the vocabulary has only"),
@@ -235,3 +235,53 @@ def test_stop_strings_are_taken_whole(monkeypatch):
     argv = ["generate", "--checkpoint", "c", "--prompt", "x", "--stop", "a, b", ",", "--stop", "\n\n"]
     assert main(argv) == 0
     assert seen["stop"] == ["a, b", ",", "\n\n"]
+
+
+def _leaf_parsers(parser):
+    """Every subcommand's parser, found through argparse's subparser actions."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+                    yield from _leaf_parsers(sub)
+                else:
+                    yield sub
+
+
+def test_help_is_written_for_users_whole_and_once():
+    from multitoken.cli import build_parser, commands, param_docs
+
+    parser = build_parser(commands())
+    assert "subcommands mapped" not in parser.format_help()
+    leaves = list(_leaf_parsers(parser))
+    assert len(leaves) >= 15
+    for sub in leaves:
+        text = sub.format_help()
+        assert "(default: None)" not in text and "Args:" not in text, sub.prog
+        assert ") (default:" not in text.replace("\n", " "), sub.prog  # one default, not two
+        assert "`cfg" not in text, sub.prog  # no developer text
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert (
+                    text.count(action.option_strings[0] + " ") + text.count(action.option_strings[0] + "\n")
+                    >= 1
+                )
+    train_help = next(s for s in leaves if s.prog.endswith(" train")).format_help()
+    assert "(default: set by --preset)" in " ".join(train_help.split()).rsplit("--dim DIM", 1)[1][:120]
+
+    def documented(x: int, y: int) -> None:
+        """Args:
+        x: the first line
+            goes on here.
+        y: short.
+        """
+
+    assert param_docs(documented) == {"x": "the first line goes on here.", "y": "short."}
+
+
+def test_version_and_no_abbreviations(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("multitoken ")
+    fails_with(capsys, ["train", "--n-futur", "2"], "unrecognized arguments: --n-futur")

@@ -144,7 +144,9 @@ def test_a_validation_split_too_short_for_the_windows_fails_before_training(data
     from multitoken.errors import UserError
 
     val_tokens = TokenDataset(str(dataset), "val").n_tokens
-    cfg = debug_config(dataset, tmp_path / "run", seq_len=val_tokens)
+    cfg = debug_config(
+        dataset, tmp_path / "run", seq_len=val_tokens, model={"n_future": 2, "max_seq_len": val_tokens}
+    )
     with pytest.raises(UserError, match=f"validation data has {val_tokens} tokens, too few"):
         Trainer(cfg)
     assert not (tmp_path / "run").exists()
@@ -181,10 +183,12 @@ def test_a_second_resume_keeps_the_first_resumes_max_steps(dataset, tmp_path, mo
     assert saves == []
 
 
-def test_a_diverged_loss_is_logged_as_nan_not_zero(dataset, tmp_path):
+def test_a_diverged_step_is_refused_not_applied(dataset, tmp_path):
     import math
 
     import torch
+
+    from multitoken.train import NonFiniteLoss
 
     trainer = Trainer(
         debug_config(dataset, tmp_path / "run", model={"n_future": 2, "loss_weights": [1.0, 0.0]})
@@ -193,9 +197,9 @@ def test_a_diverged_loss_is_logged_as_nan_not_zero(dataset, tmp_path):
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.fill_(float("nan"))
-    metrics = trainer.train_step()
-    assert math.isnan(metrics["loss"]) and math.isnan(metrics["loss_head1"])
-    assert "loss_head2" not in metrics
+    with pytest.raises(NonFiniteLoss, match="non-finite at step 2"):
+        trainer.train_step()
+    assert trainer.step == 1
 
 
 @pytest.mark.parametrize(

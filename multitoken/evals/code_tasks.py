@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -90,24 +91,41 @@ def mbpp_prompt(text: str, first_test: str) -> str:
     return f'"""\n{text}\n{first_test}\n"""\n'
 
 
+MBPP_BUNDLED = Path(__file__).parent / "data" / "mbpp.jsonl.gz"
+"""The original mbpp.jsonl (CC BY 4.0, google-research), gzipped; see data/README.md."""
+
+
 def read_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line; UserError for a missing file or bad JSON."""
+    """(line number, parsed value) for each non-blank line of a JSONL file (or `.gz`); UserError for a
+    missing, unreadable, non-UTF-8 or non-JSON file."""
     source = Path(path)
     if not source.is_file():
         raise UserError(f"{what} file not found: {source}")
-    with source.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{source}:{lineno}: not valid JSON") from exc
+    lineno = 0
+    try:
+        opened = (
+            gzip.open(source, "rt", encoding="utf-8")  # noqa: SIM115 -- closed by the with below
+            if source.suffix == ".gz"
+            else source.open(encoding="utf-8")
+        )
+        with opened as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{source}:{lineno}: not valid JSON") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{source}:{lineno + 1}: not UTF-8 text") from None
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"cannot read {what} file {source}: {exc}") from None
 
 
-def load_mbpp(path: str | Path) -> list[CodeTask]:
-    """MBPP tasks from the original ``mbpp.jsonl`` (completions are whole programs; tests = test_list)."""
-    source = Path(path)
+def load_mbpp(path: str | Path | None = None) -> list[CodeTask]:
+    """MBPP tasks from the original ``mbpp.jsonl`` (default: the bundled copy); completions are whole
+    programs, tests = test_list."""
+    source = Path(path) if path is not None else MBPP_BUNDLED
     tasks = []
     for lineno, row in read_jsonl(source, "MBPP data"):
         try:
@@ -125,8 +143,8 @@ def load_mbpp(path: str | Path) -> list[CodeTask]:
                 tests="\n" + "\n".join(tests) + "\n",
                 stop_sequences=MBPP_STOPS,
             )
-        except (KeyError, IndexError, TypeError) as exc:
-            raise UserError(f"{source}:{lineno}: not an MBPP record ({type(exc).__name__})") from exc
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise UserError(f"{source}:{lineno}: not an MBPP record ({type(exc).__name__})") from None
         tasks.append(task)
     if not tasks:
         raise UserError(f"MBPP data file has no tasks: {source}")

@@ -58,7 +58,7 @@ class MultiTokenLMEval(TemplateLM):
     def __init__(
         self,
         checkpoint: str | None = None,
-        device: str | None = "cpu",
+        device: str | None = "auto",
         batch_size: int | str | None = DEFAULT_BATCH_SIZE,
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
@@ -279,11 +279,29 @@ def _parse_batch_size(batch_size: int | str | None) -> int:
     return value
 
 
-def main() -> None:
-    """The lm_eval command line, with the "multitoken" model registered."""
+def with_default_device(argv: list[str]) -> list[str]:
+    """lm_eval arguments with `--device auto` added to a model run that names no device."""
+    if "--model" in argv and not any(a == "--device" or a.startswith("--device=") for a in argv):
+        return [*argv, "--device", "auto"]
+    return list(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The lm_eval command line, with the "multitoken" model registered.
+
+    lm_eval's own default device is cuda:0; ours is `auto` (the GPU when there is one) unless --device
+    is given. Our errors print as one line with exit status 2.
+    """
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    sys.argv = [sys.argv[0], *with_default_device(sys.argv[1:] if argv is None else argv)]
+    try:
+        cli_evaluate()
+    except UserError as err:
+        print(f"multitoken: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

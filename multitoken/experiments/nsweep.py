@@ -114,6 +114,7 @@ def _write_report(root: Path, scale: str, preset: CodeScale, results: dict, devi
         f"Most tokens per forward: n = {fastest['n_future']} ({fastest['speculative']['tokens_per_forward']:.2f}, "
         f"{fastest['speculative']['speedup']:.2f}x wall-clock). Step time at n = {ns[-1]} is "
         f"{rs[-1]['step_seconds'] / base_step:.2f}x that of n = 1 (paper, Table S5: 1.22x for n = 4 at 0.3B)."
+        + (" Debug-scale step times are noise (see details)." if scale == "debug" else "")
     )
     memory_note = (
         ("torch.cuda.max_memory_allocated" if device.startswith("cuda") else "RSS high-water mark (VmHWM)")
@@ -127,7 +128,13 @@ def _write_report(root: Path, scale: str, preset: CodeScale, results: dict, devi
             "model": f"dim {preset.dim}, {preset.n_layers} blocks in total for every n, BPE vocab {preset.vocab_size}",
             "training": f"{preset.max_steps} steps x {preset.batch_size} x {preset.seq_len} tokens",
             "peak memory": memory_note,
-            "step time": "median over logged steps of batch tokens / tokens per second",
+            "step time": "median over logged steps of batch tokens / tokens per second"
+            + (
+                "; at --scale debug a run is a few millisecond steps of a tiny model, so one scheduling hiccup "
+                "on a shared machine can make a ratio 10-20x: do not read step times from a debug report"
+                if scale == "debug"
+                else ""
+            ),
             "validation": f"evaluate_loss on up to {preset.eval_windows} windows of {preset.seq_len} tokens",
         },
     )

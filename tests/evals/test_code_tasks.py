@@ -175,8 +175,10 @@ def test_user_errors(tmp_path):
         score_samples("humaneval", bad, progress=False)
     with pytest.raises(UserError, match="MBPP data file not found"):
         load_mbpp(tmp_path / "nope.jsonl")
-    with pytest.raises(UserError, match="mbpp needs the path"):
-        score_samples("mbpp", good, progress=False)
+    bundled = load_mbpp()  # no path: the copy shipped in the package
+    assert len(bundled) == 974 and bundled[0].task_id == "MBPP/1"
+    if MBPP_PATH.is_file():
+        assert bundled == load_mbpp(MBPP_PATH)
     (tmp_path / "junk.jsonl").write_text("{not json\n")
     with pytest.raises(UserError, match="not valid JSON"):
         score_samples("humaneval", tmp_path / "junk.jsonl", progress=False)

@@ -61,12 +61,13 @@ def test_eval_loss_refuses_another_tokenizer(tmp_path, capsys):
 
 
 def test_eval_humaneval_generates_and_scores(tmp_path, run, capsys):
-    out = tmp_path / "samples.jsonl"
+    out = tmp_path / "humaneval"
     argv = ["eval", "humaneval", "--checkpoint", run, "--limit", "2", "--max-new-tokens", "16"]
     assert main([*argv, "--out", str(out), "--device", "cpu", "--workers", "2"]) == 0
     printed = capsys.readouterr().out
     assert "pass@1     0.0000" in printed and "tokens per forward" in printed
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert json.loads((out / "summary.json").read_text())["n_tasks"] == 2
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
     assert all({"completion", "passed", "result"} <= set(r) and r["passed"] is False for r in rows)
 
@@ -106,7 +107,6 @@ def test_eval_code_bad_input(tmp_path, run, capsys):
         ["eval", "humaneval", "--checkpoint", run, "--k", "1,10"], capsys, "k=10 needs at least 10 samples"
     )
     _fails(["eval", "humaneval"], capsys, "give exactly one of --checkpoint")
-    _fails(["eval", "mbpp", "--checkpoint", run], capsys, "mbpp needs --data")
     missing = str(tmp_path / "nope.jsonl")
     _fails(["eval", "mbpp", "--checkpoint", run, "--data", missing], capsys, "MBPP data file not found")
     _fails(["eval", "humaneval", "--samples", missing], capsys, "samples file not found")

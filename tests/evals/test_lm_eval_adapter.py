@@ -179,3 +179,16 @@ def test_eval_lm_eval_cli(tmp_path, model, monkeypatch, capsys):
     assert "acc,none" in json.loads(out.read_text())["results"]["toy_mc"]
     assert main([*argv[:-2], "--tasks", "nope", "--no-builtin-tasks"]) == 2
     assert "unknown lm-eval task(s): nope" in capsys.readouterr().err
+
+
+def test_the_device_defaults_to_auto_not_lm_evals_cuda():
+    from multitoken.evals.lm_eval_adapter import with_default_device
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=258, dim=32, n_layers=2, n_heads=2, max_seq_len=16)
+    lm = MultiTokenLMEval(model=MultiTokenLM(config), tokenizer=byte_tokenizer())
+    assert lm._device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    run = ["--model", "multitoken", "--model_args", "checkpoint=r", "--tasks", "t"]
+    assert with_default_device(run) == [*run, "--device", "auto"]
+    assert with_default_device([*run, "--device", "cpu"]) == [*run, "--device", "cpu"]
+    assert with_default_device(["ls", "tasks"]) == ["ls", "tasks"]

@@ -144,11 +144,24 @@ def test_cannot_kill_the_parent_with_guards():
     assert not res.passed
 
 
-@pytest.mark.parametrize("kill", ["posix.kill({pid}, 9)", "posix.kill(-1, 9)"])
-def test_cannot_kill_the_parent_without_guards(kill):
+@pytest.mark.parametrize("target", ["parent", "sentinel", "everyone"])
+def test_cannot_kill_the_parent_without_guards(target):
+    """With only the OS layers (PID namespace, another uid), a program's SIGKILL reaches neither the
+    evaluating process nor a sentinel process of ours."""
+    import subprocess
+    import sys
+
     lim = _limits(False, "pid", "uid")
-    run_program("import posix\n" + kill.format(pid=os.getpid()), limits=lim)
-    assert os.getpid() > 0  # this process is still alive, or we would not get here
+    sentinel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pid = {"parent": os.getpid(), "sentinel": sentinel.pid, "everyone": -1}[target]
+        res = run_program(f"import posix\nposix.kill({pid}, 9)", limits=lim)
+        assert not res.passed, res.result  # the kill was refused (or took only the program itself)
+        time.sleep(0.05)
+        assert sentinel.poll() is None, "the sandboxed program killed a process outside the sandbox"
+    finally:
+        sentinel.kill()
+        sentinel.wait()
 
 
 @pytest.mark.parametrize("python_guards", [True, False])
