@@ -8,9 +8,9 @@ prompts (a fraction of a second for small models), and stores the medians in a J
 
     ~/.cache/multitoken/step_costs.json   ($MULTITOKEN_CACHE_DIR or $XDG_CACHE_HOME/multitoken if set)
 
-Delete the file to measure again. The plans are timed in turns and each keeps its fastest repeat:
-on a shared machine other work only ever adds time, so the minimum is the steadiest estimate of a
-step's own cost, and taking turns spreads any drift over every plan alike. On a CPU the clock is
+Delete the file to measure again. The plans are timed in turns, round after round; a plan's cost
+is its median ratio to the plain step of the same round (which cancels drift: a shared machine
+slows every plan of a round alike) times the plain step's fastest time. On a CPU the clock is
 this process's CPU time, which other processes competing for the cores do not inflate; on a GPU it
 is the wall clock (each step ends with a device-to-host copy, so the GPU work is inside it).
 """
@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,9 @@ import torch
 
 CACHE_FILE_NAME = "step_costs.json"
 CALIBRATION_REPEATS = 5
-"""Most timed steps per plan (after one warm-up step each); the fastest is kept."""
+"""Most timed rounds (after one warm-up round); each round times every plan once, in turns."""
+STEPS_PER_TIMING = 3
+"""Consecutive steps of a plan in one timing."""
 CALIBRATION_BUDGET_S = 0.4
 """After two timed rounds, further rounds run only while the measurement has taken less than this."""
 
@@ -79,7 +82,9 @@ class StepCosts:
 
     def calibrate(self, model, batch_size: int, plans: Sequence, cache_len: int) -> float:
         """Time each plan's decoding step at this batch size; returns the seconds spent measuring."""
-        from multitoken.decoding import DecodeBatch, decode_step, prefill
+        from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
+
+        plans = [DraftPlan(), *(p for p in plans if p.block > 1)]  # the plain step anchors the rest
 
         started = time.perf_counter()
         on_cpu = next(model.parameters()).device.type == "cpu"
@@ -97,13 +102,19 @@ class StepCosts:
                 if repeat > 2 and time.perf_counter() - started > CALIBRATION_BUDGET_S:
                     break
                 for plan in plans:
-                    if repeat == 0 or max(batch.pos) + 2 * plan.block >= cache_len - 1:
+                    if repeat == 0 or max(batch.pos) + (STEPS_PER_TIMING + 1) * plan.block >= cache_len - 1:
                         prefill(batch, prompts)
                     t0 = clock()
-                    decode_step(batch, plan, [plan.block] * B)
+                    for _ in range(STEPS_PER_TIMING):
+                        decode_step(batch, plan, [plan.block] * B)
                     if repeat:  # the first round warms up
-                        times[plan.name].append(clock() - t0)
-            row.update({name: min(seconds) for name, seconds in times.items()})
+                        times[plan.name].append((clock() - t0) / STEPS_PER_TIMING)
+            # Ratios to the plain step of the same round cancel drift; the plain step's best time
+            # anchors them.
+            plain = times[DraftPlan().name]
+            for plan in plans:
+                ratio = statistics.median(t / p for t, p in zip(times[plan.name], plain, strict=True))
+                row[plan.name] = ratio * min(plain)
         finally:
             batch.close()
         return time.perf_counter() - started
