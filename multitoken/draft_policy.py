@@ -33,7 +33,7 @@ from multitoken.step_costs import StepCosts
 DECAY = 0.9
 """Weight the statistics keep per step: about the last 10 steps' worth of rows count."""
 PRIOR_RATE = 0.35
-"""Acceptance assumed before anything is observed (worth PRIOR_WEIGHT rows)."""
+"""Acceptance assumed before anything is observed (worth PRIOR_WEIGHT rows, always)."""
 PRIOR_WEIGHT = 2.0
 FIRST_PROBE_INTERVAL = 32
 MAX_PROBE_INTERVAL = 256
@@ -47,7 +47,8 @@ TREE_REFRESH_STEPS = 16
 class AcceptanceStats:
     """Decayed counts: per depth, rows that reached it and rows whose draft was accepted there.
 
-    They start at a prior of PRIOR_RATE worth PRIOR_WEIGHT rows, which decays like any observation.
+    Rates add a fixed prior of PRIOR_WEIGHT rows (PRIOR_RATE at rank 0, a quarter as much per rank
+    after), so a depth that is rarely reached is not judged on one or two rows.
     """
 
     n_heads: int
@@ -58,9 +59,8 @@ class AcceptanceStats:
 
     def __post_init__(self) -> None:
         J = self.n_heads
-        self.chain_reached, self.chain_accepted = [PRIOR_WEIGHT] * J, [PRIOR_WEIGHT * PRIOR_RATE] * J
-        self.rank_reached = [PRIOR_WEIGHT] * J
-        self.rank_hits = [[PRIOR_WEIGHT * PRIOR_RATE] + [0.0] * (RANKS_TRACKED - 1) for _ in range(J)]
+        self.chain_reached, self.chain_accepted = [0.0] * J, [0.0] * J
+        self.rank_reached, self.rank_hits = [0.0] * J, [[0.0] * RANKS_TRACKED for _ in range(J)]
 
     def decay(self) -> None:
         for values in (self.chain_reached, self.chain_accepted, self.rank_reached, *self.rank_hits):
@@ -81,14 +81,21 @@ class AcceptanceStats:
         rates = []
         for d in range(self.n_heads):
             if self.rank_reached[d] > self.chain_reached[d]:  # rank-0 hits measure the same thing
-                rates.append(self.rank_hits[d][0] / self.rank_reached[d])
+                hits, reached = self.rank_hits[d][0], self.rank_reached[d]
             else:
-                rates.append(self.chain_accepted[d] / self.chain_reached[d])
+                hits, reached = self.chain_accepted[d], self.chain_reached[d]
+            rates.append((hits + PRIOR_WEIGHT * PRIOR_RATE) / (reached + PRIOR_WEIGHT))
         return rates
 
     def rank_rates(self) -> list[list[float]]:
         """h_{d,r}: the r-th guess of the head at depth d is right, given depth d was reached."""
-        return [[h / self.rank_reached[d] for h in self.rank_hits[d]] for d in range(self.n_heads)]
+        return [
+            [
+                (h + PRIOR_WEIGHT * PRIOR_RATE * 0.25**r) / (self.rank_reached[d] + PRIOR_WEIGHT)
+                for r, h in enumerate(self.rank_hits[d])
+            ]
+            for d in range(self.n_heads)
+        ]
 
 
 def expected_chain_tokens(rates: Sequence[float], n_drafts: int) -> float:

@@ -92,6 +92,7 @@ class StepCosts:
         B = batch_bucket(batch_size)
         extra = max((p.block for p in plans if p.tree is not None), default=0)
         batch = DecodeBatch(model, B, cache_len, extra_slots=extra)
+        batch.track_ranks = extra > 0  # as a policy that considers trees decodes
         generator = torch.Generator().manual_seed(0)
         prompt_len = max(1, min(16, cache_len // 4))
         row = self.table.setdefault(B, {})
