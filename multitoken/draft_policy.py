@@ -15,13 +15,14 @@ statistics, decayed so that a change of text is followed within tens of steps:
 (the tree formula assumes the heads err independently, as Medusa's sparse trees do). When plain
 decoding wins, the policy still probes now and then with the cheapest drafting plan, a chain of one
 draft, at intervals that double while probing finds nothing (FIRST_PROBE_INTERVAL up to
-MAX_PROBE_INTERVAL steps), so drafting resumes when drafts become useful; deeper heads are tried once
-the first one earns its keep. Every plan is lossless, so the choice changes speed only, never the
+MAX_PROBE_INTERVAL steps, times the probe's cost relative to a plain step), so drafting resumes when
+drafts become useful; deeper heads are tried once the first one earns its keep. Every plan is lossless, so the choice changes speed only, never the
 output.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,15 @@ def expected_tree_tokens(rank_rates: Sequence[Sequence[float]], tree: DraftTree)
     return total
 
 
+@functools.cache
+def _stand_in_trees(n_heads: int, n_ranks: int, device: str) -> tuple[DraftPlan, ...]:
+    """Trees of each size to time: what heads right 60% of the time at rank 0 would give."""
+    stand_in = [[0.6 * 0.5**r for r in range(n_ranks)] for _ in range(n_heads)]
+    return tuple(
+        DraftPlan.of_tree(sparse_tree(stand_in, size).tensors(device), f"tree{size}") for size in TREE_SIZES
+    )
+
+
 class DraftPolicy:
     """Picks each step's plan; `observe` feeds it the step's record and measured time."""
 
@@ -139,14 +149,9 @@ class DraftPolicy:
 
     def candidate_plans(self) -> list[DraftPlan]:
         """Every plan whose cost must be known: plain, each chain, and trees of each size."""
-        plans = list(self.chains)
         if self.trees and self.n_heads:
-            # Stand-ins of each size for timing: what heads right 60% of the time at rank 0 would give.
-            stand_in = [[0.6 * 0.5**r for r in range(self.n_ranks)] for _ in range(self.n_heads)]
-            for size in TREE_SIZES:
-                tree = sparse_tree(stand_in, size)
-                plans.append(DraftPlan.of_tree(tree.tensors(self.device), f"tree{size}"))
-        return plans
+            return [*self.chains, *_stand_in_trees(self.n_heads, self.n_ranks, str(self.device))]
+        return list(self.chains)
 
     def _refresh_trees(self) -> None:
         rates = [row[: self.n_ranks] for row in self.stats.rank_rates()]
@@ -191,7 +196,7 @@ class DraftPolicy:
         self.probing = False
         if best.n_heads == 0 and self.n_heads:
             self.steps_since_drafting += 1
-            if self.steps_since_drafting >= self.probe_interval:
+            if self.steps_since_drafting >= self.probe_interval * self._probe_cost(batch_size):
                 best, self.probing = self.chains[1], True
                 self.steps_since_drafting = 0
         else:
@@ -199,6 +204,12 @@ class DraftPolicy:
             self.probe_interval = FIRST_PROBE_INTERVAL
         self.plan_counts[best.name] += 1
         return best
+
+    def _probe_cost(self, batch_size: int) -> float:
+        """A probe's cost relative to a plain step: probes of costly heads come less often."""
+        plain = self.costs.seconds(self.chains[0].name, batch_size)
+        probe = self.costs.seconds(self.chains[1].name, batch_size)
+        return max(1.0, probe / plain) if plain and probe else 1.0
 
     def observe(self, record: StepRecord, batch_size: int) -> None:
         """Fold a step's acceptance into the statistics.

@@ -285,15 +285,13 @@ def generate(
     cache_len = cache_length(
         max(len(p) for p in prompt_ids), max_new_tokens, model.config.max_seq_len, compile
     )
-    largest_tree = max(
-        [(fixed or DraftPlan()).block]
-        + ([p.block for p in policy.candidate_plans() if p.tree is not None] if fixed is None else [])
-    )
+    plans_used = [fixed] if fixed is not None else policy.candidate_plans()
+    largest_tree = max((p.block for p in plans_used if p.tree is not None), default=0)
     batch = DecodeBatch(
         model,
         B,
         cache_len,
-        extra_slots=largest_tree if largest_tree > 1 else 0,
+        extra_slots=largest_tree,
         compile=compile,
         generator=generator,
     )

@@ -51,15 +51,16 @@ def test_expected_tokens_formulas():
 
 
 def test_never_accepted_heads_lead_to_plain_steps():
-    stub = make_stub(1, 4, lambda b, i, t: False, S=300)
+    stub = make_stub(1, 4, lambda b, i, t: False, S=360)
     prompt = stub.seq_BS[0, :3].tolist()
-    out, plans = plan_sequence(stub_policy(), stub, prompt, 250)
-    assert out.tokens == [stub.seq_BS[0, 3:253].tolist()]
+    out, plans = plan_sequence(stub_policy(), stub, prompt, 300)
+    assert out.tokens == [stub.seq_BS[0, 3:303].tolist()]
     first_plain = plans.index("plain")
     assert first_plain <= 8  # a few drafting steps, then plain
     later = plans[first_plain:]
     drafting = [i for i, name in enumerate(later) if name != "plain"]
-    # Only probes draft now, with one draft, at intervals that double (32, 64, 128): 3 in ~245 steps.
+    # Only probes draft now, with one draft, at intervals that double (32, 64, 128 steps, times the
+    # probe's 1.1x cost): 3 in ~295 steps.
     assert len(drafting) == 3
     assert all(later[i] == "chain1" for i in drafting)
     gaps = [b - a for a, b in itertools.pairwise(drafting)]
