@@ -23,7 +23,8 @@ output.
 from __future__ import annotations
 
 import functools
-from collections import Counter
+import statistics
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,10 @@ FIRST_PROBE_INTERVAL = 32
 MAX_PROBE_INTERVAL = 256
 TREE_SIZES = (4, 8, 16)
 """Non-root nodes of the sparse trees considered."""
+OBSERVED_WINDOW = 32
+"""Measured steps kept per plan and batch size."""
+OBSERVED_MIN = 4
+"""Measured steps of a plan (and of the plain step) before they replace its calibrated cost."""
 TREE_REFRESH_STEPS = 16
 """Steps between rebuilds of the sparse trees from the rank statistics."""
 
@@ -143,7 +148,10 @@ class DraftPolicy:
         self.steps_since_drafting = 0
         self.probing = False
         self.plan_counts: Counter[str] = Counter()
+        self.observed: dict[tuple[str, int], deque[float]] = {}
+        """Recent measured step times by (plan, batch size)."""
         self._best_cache: tuple[int, DraftPlan] | None = None
+        self._trees_stale = trees and n_heads > 0
         self.calibration_seconds = 0.0
         """Seconds spent measuring step costs when this policy was made (0 when they were cached)."""
 
@@ -168,13 +176,13 @@ class DraftPolicy:
         rates = self.stats.chain_rates()
         out = {}
         for plan in self.chains:
-            seconds = self.costs.seconds(plan.name, batch_size)
+            seconds = self.step_seconds(plan.name, batch_size)
             if seconds:
                 out[plan.name] = (expected_chain_tokens(rates, plan.n_drafts) / seconds, plan)
         if self.tree_plans:
             rank_rates = self.stats.rank_rates()
             for tree, plan in self.tree_plans:
-                seconds = self.costs.seconds(plan.name, batch_size)
+                seconds = self.step_seconds(plan.name, batch_size)
                 if seconds:
                     out[plan.name] = (expected_tree_tokens(rank_rates, tree) / seconds, plan)
         return out
@@ -188,9 +196,9 @@ class DraftPolicy:
         return self._best_cache[1]
 
     def choose(self, batch_size: int) -> DraftPlan:
-        if self.trees and self.n_heads and self.steps % TREE_REFRESH_STEPS == 0:
+        if self._trees_stale and self.steps % TREE_REFRESH_STEPS == 0:
             self._refresh_trees()
-            self._best_cache = None
+            self._trees_stale, self._best_cache = False, None
         self.steps += 1
         best = self._best(batch_size)
         self.probing = False
@@ -205,23 +213,49 @@ class DraftPolicy:
         self.plan_counts[best.name] += 1
         return best
 
+    def step_seconds(self, plan_name: str, batch_size: int) -> float | None:
+        """A plan's seconds per step: the calibrated cost, corrected by the steps this policy has timed.
+
+        Once a plan and the plain step have OBSERVED_MIN timed steps each at this batch size, the
+        median ratio of the two replaces the calibrated ratio (real steps can differ from the
+        calibration's: other trees, other cache lengths), anchored on the calibrated plain step.
+        """
+        calibrated = self.costs.seconds(plan_name, batch_size)
+        plain_name = self.chains[0].name
+        seen = self.observed.get((plan_name, batch_size))
+        seen_plain = self.observed.get((plain_name, batch_size))
+        if plan_name == plain_name or not seen or not seen_plain:
+            return calibrated
+        if len(seen) < OBSERVED_MIN or len(seen_plain) < OBSERVED_MIN:
+            return calibrated
+        plain = self.costs.seconds(plain_name, batch_size)
+        return statistics.median(seen) / statistics.median(seen_plain) * plain if plain else calibrated
+
     def _probe_cost(self, batch_size: int) -> float:
         """A probe's cost relative to a plain step: probes of costly heads come less often."""
-        plain = self.costs.seconds(self.chains[0].name, batch_size)
-        probe = self.costs.seconds(self.chains[1].name, batch_size)
+        plain = self.step_seconds(self.chains[0].name, batch_size)
+        probe = self.step_seconds(self.chains[1].name, batch_size)
         return max(1.0, probe / plain) if plain and probe else 1.0
 
-    def observe(self, record: StepRecord, batch_size: int) -> None:
-        """Fold a step's acceptance into the statistics.
+    def observe(self, record: StepRecord, batch_size: int, seconds: float | None = None) -> None:
+        """Fold a step's acceptance, and its measured time when given, into the statistics.
 
-        A plain step carries no evidence; decaying every count alike would leave every rate as it
-        was, so it changes nothing.
+        A plain step carries no acceptance evidence: decaying every count alike would leave every
+        rate as it was.
         """
+        if seconds is not None:
+            key = (record.plan.name, batch_size)
+            if key not in self.observed:
+                self.observed[key] = deque(maxlen=OBSERVED_WINDOW)
+            self.observed[key].append(seconds)
+            if len(self.observed[key]) >= OBSERVED_MIN:
+                self._best_cache = None
         if not record.reached_J:
             return
         self.stats.decay()
         self.stats.add(record)
         self._best_cache = None
+        self._trees_stale = self.trees
         if self.probing and self._best(batch_size).n_heads == 0:
             # Probing found nothing worth drafting: wait twice as long before the next probe.
             self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)

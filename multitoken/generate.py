@@ -266,6 +266,9 @@ def generate(
         policy = adaptive_policy(model, B)
         calibration = policy.calibration_seconds
     start_time = time.perf_counter()
+    # The clock of step costs: this process's CPU time on a CPU (other jobs do not inflate it), the
+    # wall clock on a GPU (each step ends with a device-to-host copy, so GPU work is inside it).
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     generator = None
     if not params.greedy:
         generator = torch.Generator(device=device)
@@ -306,9 +309,11 @@ def generate(
         while not all(row.done for row in rows):
             budget = [row.budget for row in rows]
             plan = fixed if fixed is not None else policy.choose(B)
+            step_start = clock()
             record = decode_step(batch, plan, budget, keep_logits=return_logits)
             if policy is not None:
-                policy.observe(record, B)
+                # Timings steer the plans; with a seed the plans must not depend on them.
+                policy.observe(record, B, clock() - step_start if seed is None else None)
             plans[plan.name] += 1
             stats.forward_passes += 1
             stats.row_forwards += sum(r > 0 for r in budget)

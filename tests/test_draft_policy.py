@@ -7,7 +7,7 @@ import torch
 from test_generate import PROMPTS, agreeing_model
 from test_speculative import PARAMS, chi2_pvalue, exact_laws, make_stub, peaky, sample_counts
 
-from multitoken.decoding import DraftPlan
+from multitoken.decoding import DraftPlan, StepRecord
 from multitoken.draft_policy import DraftPolicy, expected_chain_tokens, expected_tree_tokens
 from multitoken.draft_tree import DraftTree
 from multitoken.generate import generate
@@ -35,7 +35,7 @@ def plan_sequence(policy, model, prompt, n_new):
         return plan
 
     policy.choose = recording
-    out = generate(model, [prompt], n_new, policy=policy)
+    out = generate(model, [prompt], n_new, policy=policy, seed=0)  # a seed: plans ignore timings
     return out, seen
 
 
@@ -135,6 +135,18 @@ def test_switching_plans_keeps_the_sampling_law(style):
     assert chi2_pvalue(c23, law23) > 1e-3
     assert len(stats.plans) >= 3
     assert PARAMS.temperature > 0
+
+
+def test_measured_steps_replace_the_calibrated_costs():
+    policy = stub_policy()
+    record = StepRecord(DraftPlan.chain(1), [[1, 2]], [1], reached_J=[1], accepted_J=[1], proposed_J=[1])
+    plain = StepRecord(DraftPlan.chain(0), [[1]], [0])
+    assert policy.step_seconds("chain1", 1) == 1.1  # calibrated, until enough steps are timed
+    for _ in range(4):
+        policy.observe(plain, 1, 0.002)
+        policy.observe(record, 1, 0.006)  # chain1 really costs 3x a plain step here
+    assert policy.step_seconds("chain1", 1) == pytest.approx(3.0)
+    assert policy.step_seconds("chain1", 8) is None  # other batch sizes keep their own figures
 
 
 def test_default_policy_measures_costs_once_and_reuses_them(tmp_path, monkeypatch):
