@@ -45,6 +45,8 @@ OBSERVED_WINDOW = 32
 """Measured steps kept per plan and batch size."""
 OBSERVED_MIN = 4
 """Measured steps of a plan (and of the plain step) before they replace its calibrated cost."""
+COST_REFRESH_STEPS = 16
+"""Timed steps between re-readings of the measured costs."""
 TREE_REFRESH_STEPS = 16
 """Steps between rebuilds of the sparse trees from the rank statistics."""
 
@@ -151,6 +153,8 @@ class DraftPolicy:
         self.observed: dict[tuple[str, int], deque[float]] = {}
         """Recent measured step times by (plan, batch size)."""
         self._best_cache: tuple[int, DraftPlan] | None = None
+        self._seconds_cache: dict[tuple[str, int], float | None] = {}
+        self._timed_steps = 0
         self._trees_stale = trees and n_heads > 0
         self.calibration_seconds = 0.0
         """Seconds spent measuring step costs when this policy was made (0 when they were cached)."""
@@ -214,6 +218,13 @@ class DraftPolicy:
         return best
 
     def step_seconds(self, plan_name: str, batch_size: int) -> float | None:
+        """A plan's seconds per step (see `_step_seconds`), cached between cost updates."""
+        key = (plan_name, batch_size)
+        if key not in self._seconds_cache:
+            self._seconds_cache[key] = self._step_seconds(plan_name, batch_size)
+        return self._seconds_cache[key]
+
+    def _step_seconds(self, plan_name: str, batch_size: int) -> float | None:
         """A plan's seconds per step: the calibrated cost, corrected by the steps this policy has timed.
 
         Once a plan and the plain step have OBSERVED_MIN timed steps each at this batch size, the
@@ -248,7 +259,9 @@ class DraftPolicy:
             if key not in self.observed:
                 self.observed[key] = deque(maxlen=OBSERVED_WINDOW)
             self.observed[key].append(seconds)
-            if len(self.observed[key]) >= OBSERVED_MIN:
+            self._timed_steps += 1
+            if self._timed_steps % COST_REFRESH_STEPS == 0:  # costs are re-read now and then
+                self._seconds_cache.clear()
                 self._best_cache = None
         if not record.reached_J:
             return

@@ -142,7 +142,7 @@ def test_measured_steps_replace_the_calibrated_costs():
     record = StepRecord(DraftPlan.chain(1), [[1, 2]], [1], reached_J=[1], accepted_J=[1], proposed_J=[1])
     plain = StepRecord(DraftPlan.chain(0), [[1]], [0])
     assert policy.step_seconds("chain1", 1) == 1.1  # calibrated, until enough steps are timed
-    for _ in range(4):
+    for _ in range(8):
         policy.observe(plain, 1, 0.002)
         policy.observe(record, 1, 0.006)  # chain1 really costs 3x a plain step here
     assert policy.step_seconds("chain1", 1) == pytest.approx(3.0)
