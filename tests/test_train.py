@@ -32,9 +32,10 @@ def test_debug_preset_learns_a_repetitive_corpus(dataset, tmp_path):
     model, tokenizer = load_checkpoint(tmp_path / "run")
     prompt = tokenizer.encode(STORY[:20])
     plain = generate(model, [prompt], 60, speculative=False)
-    spec = generate(model, [prompt], 60)
+    spec = generate(model, [prompt], 60, speculative=True)
     assert spec.tokens == plain.tokens
     assert spec.stats.tokens_per_forward > 1.2
+    assert generate(model, [prompt], 60).tokens == plain.tokens  # the default, whatever it drafts
 
 
 def test_metrics_lines_have_the_contract_fields(dataset, tmp_path):
