@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from multitoken.data.loader import TokenDataset
-from multitoken.generate import generate
+from multitoken.generate import generate, merge_stats
+from multitoken.speculative import draft_depth
 
 
 @dataclass
@@ -47,32 +48,24 @@ def held_out_prompts(data: str, n_prompts: int, prompt_len: int) -> list[list[in
 
 @torch.no_grad()
 def measure_speculative(model, prompts: list[list[int]], max_new_tokens: int) -> SpeculativeResult:
-    """Decode each prompt greedily, plainly and self-speculatively (when the model has several heads)."""
+    """Decode each prompt greedily, plainly and self-speculatively (when the model has drafting heads)."""
     model.eval()
     generate(model, prompts[:1], min(4, max_new_tokens), speculative=False)  # warm up kernels and allocator
-    plain_s = spec_s = 0.0
-    new = row_forwards = 0
-    same = 0
-    multi_head = model.config.n_future > 1 and model.config.head_offsets[:2] == [1, 2]
-    depth = len(model.config.head_offsets) - 1 if multi_head else 0
-    reached_J, accepted_J = np.zeros(depth, dtype=np.int64), np.zeros(depth, dtype=np.int64)
+    multi_head = draft_depth(model.config) > 1
+    plain_parts, spec_parts, same = [], [], 0
     for prompt in prompts:
         plain = generate(model, [prompt], max_new_tokens, speculative=False)
-        plain_s += plain.stats.seconds
         spec = generate(model, [prompt], max_new_tokens, speculative=True) if multi_head else plain
-        spec_s += spec.stats.seconds
-        new += spec.stats.new_tokens
-        row_forwards += spec.stats.row_forwards
-        if multi_head:
-            reached_J[: len(spec.stats.drafts_reached)] += spec.stats.drafts_reached
-            accepted_J[: len(spec.stats.drafts_accepted)] += spec.stats.drafts_accepted
+        plain_parts.append(plain.stats)
+        spec_parts.append(spec.stats)
         same += spec.tokens == plain.tokens
-    total_new = max(new, 1)
+    plain_total, spec_total = merge_stats(plain_parts), merge_stats(spec_parts)
+    new = max(spec_total.new_tokens, 1)
     return SpeculativeResult(
-        tokens_per_forward=new / max(row_forwards, 1),
-        speedup=plain_s / spec_s if multi_head and spec_s > 0 else 1.0,
-        plain_tokens_per_s=total_new / plain_s if plain_s else 0.0,
-        speculative_tokens_per_s=total_new / spec_s if spec_s else 0.0,
-        acceptance_per_head=(accepted_J / np.maximum(reached_J, 1)).tolist(),
+        tokens_per_forward=spec_total.tokens_per_forward,
+        speedup=plain_total.seconds / spec_total.seconds if multi_head and spec_total.seconds > 0 else 1.0,
+        plain_tokens_per_s=new / plain_total.seconds if plain_total.seconds else 0.0,
+        speculative_tokens_per_s=new / spec_total.seconds if spec_total.seconds else 0.0,
+        acceptance_per_head=spec_total.acceptance_per_head,
         identical=same / max(len(prompts), 1),
     )
