@@ -304,12 +304,14 @@ def commands() -> list[Command]:
     from multitoken.lab.cli import lab_commands
     from multitoken.lab.scaling import scaling_fit
     from multitoken.lab.scaling_run import scaling_run_cli
+    from multitoken.serve.server import serve_cli
 
     found.append(Command(("generate",), generate_cli, aliases=(("--no-speculative", "speculative", "off"),)))
     for path, fn in (*eval_commands(), *experiment_commands(), *lab_commands()):
         found.append(Command(path, fn))
     found.append(Command(("lab", "scaling", "fit"), scaling_fit, positional=("csv",)))
     found.append(Command(("lab", "scaling", "run"), scaling_run_cli))
+    found.append(Command(("serve",), serve_cli))
     return found
 
 

@@ -1,0 +1,444 @@
+"""Continuous batching: one thread owns the model and drives the decoding steps for rows that come and go.
+
+Every request choice is one row of a `multitoken.decoding.DecodeBatch`, whose cache row it keeps while
+it lives. The thread loops:
+
+  1. drop rows that finished or were cancelled (`DecodeBatch.keep_rows` compacts the cache rows, so the
+     freed rows are reused by the next arrivals);
+  2. admit waiting rows into free cache rows, and prefill prompts in chunks of at most `prefill_chunk`
+     tokens per iteration (a long prompt takes several iterations; running rows keep decoding between);
+  3. run one `decode_step` over the batch under the draft plan the `DraftPolicy` chooses (or the fixed
+     plan of `--speculative on/off`); rows still prefilling get no budget and stay unchanged;
+  4. hand each row its committed tokens (`RowOutput` cuts at EOS, stop strings and max_tokens), and
+     score finished rows that asked for log-probabilities;
+and between iterations it runs scoring jobs: one plain forward pass of the next-token head over a
+sequence, for `echo` + `logprobs` (lm-eval's loglikelihood requests).
+
+Every row carries its own sampling settings (`RowSampling`), so greedy and sampled requests share a
+batch; a greedy row's tokens are those of plain greedy decoding whatever else runs beside it (up to
+floating-point ties), as in `generate()`. A seeded request that starts into an empty batch reseeds the
+batch's generator and starts a fresh policy from the calibrated step costs, ignoring step timings while
+it runs, so the same request alone gives the same tokens every time.
+
+Events go back to the caller through each row's `sink`, called on this thread: ("tokens", ids) as they
+are kept, then ("done", reason, logprobs) or ("error", message).
+
+Dimension letters: T positions, V vocabulary, K top alternatives.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
+from multitoken.draft_policy import DraftPolicy
+from multitoken.errors import UserError
+from multitoken.generate import adaptive_policy
+from multitoken.lab.icl import next_token_logits
+from multitoken.row_output import RowOutput
+from multitoken.sampling import RowSampling, SamplingParams
+from multitoken.speculative import draft_depth
+from multitoken.step_costs import StepCosts, batch_bucket
+
+log = logging.getLogger("multitoken.serve")
+
+PREFILL_CHUNK = 512
+"""Prompt tokens prefilled per scheduler iteration, over all joining rows."""
+
+Sink = Callable[[tuple], None]
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities of a sequence's tokens under the next-token head, from position 1 on."""
+
+    chosen: list[float]
+    """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1."""
+    top: list[list[tuple[int, float]]]
+    """The `k` most likely tokens at each of those positions, (id, log-prob), best first."""
+
+
+@dataclass
+class Row:
+    """One choice of one request: a prompt to continue, and where its tokens go."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    sink: Sink
+    eos_id: int | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None
+    """Score the prompt and the output afterwards with this many alternatives per position."""
+    arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    output: RowOutput | None = None
+    prefilled: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Free the row's slot at the scheduler's next iteration (callable from any thread)."""
+        self.cancelled = True
+
+
+@dataclass
+class ScoreJob:
+    """Score `ids` (no decoding): log-probs of ids[1:] with `k` alternatives each."""
+
+    ids: list[int]
+    k: int
+    sink: Sink
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class QueueFull(Exception):
+    """The waiting queue cannot take the rows of a request now."""
+
+
+class Scheduler:
+    """Owns the model on one background thread; `submit` rows and scoring jobs from any thread."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        speculative: str = "auto",
+        compile: bool = False,
+        metrics=None,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> None:
+        if speculative not in ("auto", "on", "off"):
+            raise UserError(f"--speculative takes auto, on or off, got {speculative!r}")
+        if max_batch_size < 1 or max_queue < 1:
+            raise UserError("--max-batch-size and --max-queue must be at least 1")
+        config = model.config
+        if config.head_offsets[0] != 1:
+            raise UserError(f"this model has no next-token head (head_offsets {config.head_offsets})")
+        if speculative == "on" and draft_depth(config) < 2:
+            raise UserError("--speculative on: this model has one head; use auto or off")
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_id = getattr(tokenizer, "eos_id", None)
+        self.capacity, self.max_queue = max_batch_size, max_queue
+        self.speculative, self.compile, self.metrics = speculative, compile, metrics
+        self.prefill_chunk = prefill_chunk
+        self.context = config.max_seq_len
+        self.device = next(model.parameters()).device
+        self.n_heads = draft_depth(config) - 1 if speculative != "off" else 0
+        self.fixed: DraftPlan | None = None
+        if self.n_heads == 0:
+            self.fixed = DraftPlan.chain(0)
+        elif speculative == "on":
+            self.fixed = DraftPlan.chain(self.n_heads)
+        self.policy: DraftPolicy | None = None
+        self._calibrated: StepCosts | None = None
+        self._cv = threading.Condition()
+        self._waiting: deque[Row] = deque()
+        self._scores: deque[ScoreJob] = deque()
+        self._rows: list[Row] = []
+        self._stopping = False
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
+        self._seeded_run = False
+        self._sampling_stale = True
+        self.batch: DecodeBatch | None = None
+        self._thread = threading.Thread(target=self._run, name="multitoken-scheduler", daemon=True)
+
+    # ---- the caller's side ---------------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start the thread and wait until it is ready to decode (step costs calibrated, caches set up)."""
+        self._thread.start()
+        self._ready.wait(timeout)
+        if self._failed is not None:
+            raise self._failed
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._failed is None and self._thread.is_alive()
+
+    def submit(self, rows: Sequence[Row], scores: Sequence[ScoreJob] = ()) -> None:
+        """Queue a request's rows and scoring jobs together, or raise QueueFull (nothing is queued)."""
+        if len(rows) > self.capacity + self.max_queue:
+            raise UserError(
+                f"the request needs {len(rows)} rows (prompts x n) but the server holds at most "
+                f"{self.capacity + self.max_queue} ({self.capacity} in the batch, {self.max_queue} waiting)"
+            )
+        with self._cv:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if any(row.cancelled for row in self._waiting):
+                self._waiting = deque(row for row in self._waiting if not row.cancelled)
+            free = self.capacity - sum(not row.cancelled for row in self._rows)
+            if len(self._waiting) + len(rows) > self.max_queue + free:
+                raise QueueFull(
+                    f"{len(self._waiting)} rows are waiting for the batch (limit {self.max_queue} beyond "
+                    f"its {self.capacity} rows)"
+                )
+            for row in rows:
+                row.output = RowOutput(row.max_tokens, self.eos_id, row.stop, self.tokenizer)
+                self._waiting.append(row)
+            self._scores.extend(scores)
+            self._gauge()
+            self._cv.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the thread; rows still running get an error event."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def load(self) -> tuple[int, int]:
+        """(rows in the batch, rows waiting)."""
+        with self._cv:
+            return len(self._rows), len(self._waiting)
+
+    # ---- the thread ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._setup()
+                self._ready.set()
+                self._loop()
+        except BaseException as err:  # report to whoever waits, then end the thread
+            self._failed = err
+            self._ready.set()
+            log.exception("scheduler thread failed")
+            self._fail_all(f"the decoding engine failed: {type(err).__name__}")
+        finally:
+            if self.batch is not None:
+                self.batch.close()
+
+    def _setup(self) -> None:
+        candidates: list[DraftPlan] = []
+        if self.fixed is None:
+            self.policy = adaptive_policy(self.model, 1)
+            candidates = self.policy.candidate_plans()
+            # Calibrate every batch bucket the server can reach, once (the costs are cached on disk).
+            costs, names = self.policy.costs, [p.name for p in candidates]
+            bucket, measured = 1, False
+            while True:
+                if not costs.knows(names, bucket):
+                    cache_len = min(256, self.context)
+                    self.policy.calibration_seconds += costs.calibrate(
+                        self.model, bucket, candidates, cache_len
+                    )
+                    measured = True
+                if bucket >= self.capacity:
+                    break
+                bucket = batch_bucket(bucket + 1)
+            if measured:
+                costs.save(self.model)
+            self._calibrated = StepCosts({b: dict(row) for b, row in costs.table.items()})
+        largest_tree = max([p.block for p in candidates if p.tree is not None], default=0)
+        self.batch = DecodeBatch(
+            self.model,
+            self.capacity,
+            self.context,
+            extra_slots=largest_tree,
+            compile=self.compile,
+            generator=torch.Generator(device=self.device),
+        )
+        self.batch.prefill_heads = self.n_heads > 0
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._waiting or self._scores or self._rows or self._stopping):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                scores = list(self._scores)
+                self._scores.clear()
+                self._drop_finished()
+                admitted = []
+                while self._waiting and len(self._rows) + len(admitted) < self.capacity:
+                    row = self._waiting.popleft()
+                    if not row.cancelled:
+                        admitted.append(row)
+                self._gauge(len(self._rows) + len(admitted))
+            for job in scores:
+                if not job.cancelled:
+                    job.sink(("done", "score", self._score(job.ids, job.k)))
+            if admitted:
+                self._admit(admitted)
+            self._prefill()
+            self._step()
+        self._fail_all("the server is shutting down")
+
+    def _gauge(self, occupancy: int | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._waiting))
+            if occupancy is not None:
+                self.metrics.batch_occupancy.set(occupancy)
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, row in enumerate(self._rows) if not (row.cancelled or row.output.done)]
+        if len(keep) < len(self._rows):
+            self.batch.keep_rows(keep)
+            self._rows = [self._rows[i] for i in keep]
+            self._sampling_stale = True
+
+    def _admit(self, admitted: list[Row]) -> None:
+        if not self._rows and admitted[0].seed is not None:
+            # A seeded request alone: same generator state and same plan choices on every run.
+            self.batch.generator.manual_seed(admitted[0].seed)
+            self._seeded_run = True
+            if self.policy is not None:
+                self.policy = self._fresh_policy()
+        elif not self._rows:
+            self._seeded_run = False
+        self._rows.extend(admitted)
+        self._sampling_stale = True
+
+    def _fresh_policy(self) -> DraftPolicy:
+        policy = DraftPolicy(
+            self.policy.n_heads,
+            StepCosts({b: dict(row) for b, row in self._calibrated.table.items()}),
+            trees=self.policy.trees,
+            device=self.device,
+            vocab_size=self.model.config.vocab_size,
+        )
+        return policy
+
+    def _sync_sampling(self) -> None:
+        if self._sampling_stale:
+            self.batch.sampling = RowSampling.build([row.params for row in self._rows], self.device)
+            self.batch.n_rows = len(self._rows)
+            self._sampling_stale = False
+
+    def _prefill(self) -> None:
+        """Prefill joining rows, at most prefill_chunk prompt tokens this iteration."""
+        self._sync_sampling()
+        left = self.prefill_chunk
+        work = []  # (row index, chunk, start, final)
+        for i, row in enumerate(self._rows):
+            remaining = len(row.prompt) - row.prefilled
+            if remaining <= 0 or row.cancelled:
+                continue
+            if left <= 0:
+                break
+            take = min(remaining, left)
+            work.append(
+                (i, row.prompt[row.prefilled : row.prefilled + take], row.prefilled, take == remaining)
+            )
+            left -= take
+        # One prefill call per run of consecutive rows that all finish (or all continue) their prompts.
+        run: list[tuple] = []
+        for item in [*work, None]:
+            if run and (item is None or item[0] != run[-1][0] + 1 or item[3] != run[-1][3]):
+                self._prefill_run(run)
+                run = []
+            if item is not None:
+                run.append(item)
+
+    def _prefill_run(self, run: list[tuple]) -> None:
+        first = run[0][0]
+        final = run[0][3]
+        record = prefill(
+            self.batch,
+            [chunk for _, chunk, _, _ in run],
+            first_row=first,
+            start=[s for _, _, s, _ in run],
+            final=final,
+        )
+        for i, chunk, start, _ in run:
+            self._rows[i].prefilled = start + len(chunk)
+        if record is not None:
+            for (i, *_), tokens in zip(run, record.tokens, strict=True):
+                self._deliver(self._rows[i], tokens)
+
+    def _step(self) -> None:
+        rows = self._rows
+        budget = [
+            row.output.budget if row.prefilled == len(row.prompt) and not row.cancelled else 0 for row in rows
+        ]
+        if not any(budget):
+            return
+        n = len(rows)
+        plan = self.fixed if self.fixed is not None else self.policy.choose(n)
+        started = time.perf_counter()
+        record = decode_step(self.batch, plan, budget)
+        if self.policy is not None and self.fixed is None:
+            self.policy.observe(record, None if self._seeded_run else time.perf_counter() - started, n)
+        if self.metrics is not None:
+            offsets = range(2, len(record.reached_J) + 2)
+            self.metrics.record_step(
+                sum(b > 0 for b in budget),
+                sum(len(t) for t in record.tokens),
+                dict(zip(offsets, record.reached_J, strict=True)),
+                dict(zip(offsets, record.accepted_J, strict=True)),
+            )
+        for row, tokens in zip(rows, record.tokens, strict=True):
+            if tokens:
+                self._deliver(row, tokens)
+
+    def _deliver(self, row: Row, tokens: list[int]) -> None:
+        if row.cancelled or row.output.done:
+            return
+        kept = row.output.add(tokens)
+        now = time.perf_counter()
+        if self.metrics is not None:
+            if row.first_token_at is None:
+                self.metrics.ttft.observe(now - row.arrival)
+            elif kept:
+                self.metrics.inter_token.observe((now - row.last_token_at) / len(kept))
+        if row.first_token_at is None:
+            row.first_token_at = now
+        row.last_token_at = now
+        if kept:
+            row.sink(("tokens", kept))
+        if row.output.done:
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(len(row.prompt))
+            scored = None
+            if row.logprobs is not None:
+                scored = self._score(row.prompt + row.output.tokens, row.logprobs)
+            row.sink(("done", row.output.reason, scored))
+
+    def _score(self, ids: list[int], k: int) -> TokenLogprobs:
+        """Log-probs of ids[1:] from one plain forward pass of the trunk and next-token head."""
+        if len(ids) < 2:
+            return TokenLogprobs([], [])
+        tokens_1T = torch.tensor([ids[:-1]], dtype=torch.long, device=self.device)
+        logprobs_TV = F.log_softmax(next_token_logits(self.model, tokens_1T)[0].float(), dim=-1)
+        target_T = torch.tensor(ids[1:], device=self.device)
+        chosen_T = logprobs_TV.gather(1, target_T[:, None])[:, 0]
+        top = [[] for _ in ids[1:]]
+        if k > 0:
+            values_TK, index_TK = logprobs_TV.topk(min(k, logprobs_TV.shape[-1]), dim=-1)
+            top = [
+                list(zip(i, v, strict=True))
+                for i, v in zip(index_TK.tolist(), values_TK.tolist(), strict=True)
+            ]
+        return TokenLogprobs(chosen_T.tolist(), top)
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            pending = [*self._rows, *self._waiting]
+            scores = list(self._scores)
+            self._rows, self._scores = [], deque()
+            self._waiting.clear()
+        for row in pending:
+            if row.output is None or not row.output.done:
+                row.sink(("error", message))
+        for job in scores:
+            job.sink(("error", message))
