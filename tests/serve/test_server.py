@@ -338,12 +338,12 @@ def test_sigterm_drains_then_exits_zero(server, client):
     """Last: the module's server stops here."""
     proc, base = server
     with httpx.Client(headers=_auth(), timeout=30) as http:
-        body = {"prompt": "z", "max_tokens": 60, "temperature": 0}
+        body = {"prompt": "z", "max_tokens": 400, "temperature": 0}
         with _stream_lines(http, base, body) as running:
             lines = running.iter_lines()
             next(line for line in lines if line.startswith("data:"))
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            time.sleep(0.2)
             refused = http.post(f"{base}/v1/completions", json={"model": NAME, "prompt": "b"})
             assert refused.status_code == 503
             rest = [line for line in lines if line.startswith("data:")]
