@@ -40,7 +40,7 @@ from multitoken.serve.protocol import (
     now,
     usage,
 )
-from multitoken.serve.scheduler import QueueFull, Row, Scheduler, ScoreJob, TokenLogprobs
+from multitoken.serve.scheduler import EngineStopped, QueueFull, Row, Scheduler, ScoreJob, TokenLogprobs
 from multitoken.serve.text import IncrementalText
 
 log = logging.getLogger("multitoken.serve")
@@ -251,6 +251,8 @@ class Pending:
             self.state.scheduler.submit(rows, scores)
         except UserError as err:
             raise ApiError(400, str(err), "invalid_request_error", "n") from None
+        except EngineStopped as err:
+            raise ApiError(503, str(err), "service_unavailable") from None
         except QueueFull as err:
             error = ApiError(429, f"too many requests waiting: {err}; retry later", "rate_limit_exceeded")
             error.headers["Retry-After"] = str(RETRY_AFTER_S)
@@ -557,12 +559,13 @@ def create_app(state: ServerState) -> FastAPI:
                         if choice.reason is not None:  # nothing to generate
                             yield json.dumps(chunk(index, echoes[index], choice.reason))
                     async for index, delta in pending.events():
-                        if index not in started and echoes[index]:
-                            delta = echoes[index] + delta
-                        started.add(index)
                         reason = pending.choices[index].reason
-                        if delta or reason is not None:
-                            yield json.dumps(chunk(index, delta, reason))
+                        if not (delta or reason is not None):
+                            continue
+                        if index not in started:  # the echoed prompt leads the choice's first chunk
+                            delta = echoes[index] + delta
+                            started.add(index)
+                        yield json.dumps(chunk(index, delta, reason))
                     if req.include_usage:
                         last = {**chunk(0, "", None), "choices": [], "usage": pending.usage(prompts)}
                         yield json.dumps(last)

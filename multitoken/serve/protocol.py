@@ -16,8 +16,8 @@ MAX_N = 16
 """Most choices one request may ask for."""
 MAX_LOGPROBS = 20
 """Most alternatives per position that `logprobs` may ask for (OpenAI's limit)."""
-MAX_STOP = 4
-"""Most stop strings per request (OpenAI's limit)."""
+MAX_STOP = 16
+"""Most stop strings per request (OpenAI allows 4; lm-eval tasks may send more)."""
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 

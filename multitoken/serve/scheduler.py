@@ -108,6 +108,10 @@ class QueueFull(Exception):
     """The waiting queue cannot take the rows of a request now."""
 
 
+class EngineStopped(Exception):
+    """The scheduler is shutting down or its thread has ended."""
+
+
 class Scheduler:
     """Owns the model on one background thread; `submit` rows and scoring jobs from any thread."""
 
@@ -156,6 +160,7 @@ class Scheduler:
         self._failed: BaseException | None = None
         self._seeded_run = False
         self._sampling_stale = True
+        self._extra_slots = 0
         self.batch: DecodeBatch | None = None
         self._thread = threading.Thread(target=self._run, name="multitoken-scheduler", daemon=True)
 
@@ -180,8 +185,8 @@ class Scheduler:
                 f"{self.capacity + self.max_queue} ({self.capacity} in the batch, {self.max_queue} waiting)"
             )
         with self._cv:
-            if self._stopping:
-                raise QueueFull("the server is shutting down")
+            if self._stopping or self._failed is not None or not self._thread.is_alive():
+                raise EngineStopped("the decoding engine is not running")
             if any(row.cancelled for row in self._waiting):
                 self._waiting = deque(row for row in self._waiting if not row.cancelled)
             free = self.capacity - sum(not row.cancelled for row in self._rows)
@@ -248,16 +253,23 @@ class Scheduler:
             if measured:
                 costs.save(self.model)
             self._calibrated = StepCosts({b: dict(row) for b, row in costs.table.items()})
-        largest_tree = max([p.block for p in candidates if p.tree is not None], default=0)
+        self._extra_slots = max([p.block for p in candidates if p.tree is not None], default=0)
+        self._new_batch()
+
+    def _new_batch(self) -> None:
+        """The batch that keeps its cache rows for the server's lifetime (made again after a failure)."""
+        if self.batch is not None:
+            self.batch.close()
         self.batch = DecodeBatch(
             self.model,
             self.capacity,
             self.context,
-            extra_slots=largest_tree,
+            extra_slots=self._extra_slots,
             compile=self.compile,
             generator=torch.Generator(device=self.device),
         )
         self.batch.prefill_heads = self.n_heads > 0
+        self._rows, self._sampling_stale = [], True
 
     def _loop(self) -> None:
         while True:
@@ -275,14 +287,30 @@ class Scheduler:
                     if not row.cancelled:
                         admitted.append(row)
                 self._gauge(len(self._rows) + len(admitted))
-            for job in scores:
-                if not job.cancelled:
-                    job.sink(("done", "score", self._score(job.ids, job.k)))
-            if admitted:
-                self._admit(admitted)
-            self._prefill()
-            self._step()
+            try:
+                self._iterate(scores, admitted)
+            except Exception:
+                # Fail what was in hand, start from an empty batch, keep serving the others.
+                log.exception("decoding failed; failing %d rows and starting a fresh batch", len(self._rows))
+                for row in {id(r): r for r in [*self._rows, *admitted]}.values():
+                    if not row.output.done:
+                        row.output.done = True
+                        row.sink(("error", "the decoding engine failed on this batch"))
+                for job in scores:
+                    if not job.cancelled:
+                        job.sink(("error", "the decoding engine failed on this batch"))
+                self._new_batch()
         self._fail_all("the server is shutting down")
+
+    def _iterate(self, scores: list[ScoreJob], admitted: list[Row]) -> None:
+        for job in scores:
+            if not job.cancelled:
+                job.sink(("done", "score", self._score(job.ids, job.k)))
+                job.cancelled = True  # answered
+        if admitted:
+            self._admit(admitted)
+        self._prefill()
+        self._step()
 
     def _gauge(self, occupancy: int | None = None) -> None:
         if self.metrics is not None:

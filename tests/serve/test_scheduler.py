@@ -1,0 +1,102 @@
+"""The scheduler without HTTP: rows that join a running batch, wait in the queue, prefill in chunks and
+leave early decode exactly as `generate()` decodes each alone; a failing step fails only its batch."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from multitoken.generate import generate
+from multitoken.sampling import SamplingParams
+from multitoken.serve import scheduler as scheduler_module
+from multitoken.serve.scheduler import Row, Scheduler
+
+from conftest import tiny_model
+
+
+class Collect:
+    """A row's sink: tokens as they come, then the final event."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.end: tuple | None = None
+        self.first = threading.Event()
+        self.finished = threading.Event()
+
+    def __call__(self, event: tuple) -> None:
+        if event[0] == "tokens":
+            self.tokens.extend(event[1])
+            self.first.set()
+        else:
+            self.end = event
+            self.finished.set()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(5, n_future=3, max_seq_len=96).double().eval()
+
+
+def _row(prompt, max_tokens, sink, **kwargs):
+    return Row(list(prompt), SamplingParams(), max_tokens, sink, **kwargs)
+
+
+@pytest.mark.parametrize("speculative", ["off", "on", "auto"])
+def test_rows_joining_and_leaving_equal_generate_alone(model, speculative):
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 9, 3, 60, 4, 12)]
+    budgets = [30, 12, 25, 20, 30, 8]
+    scheduler = Scheduler(
+        model, None, max_batch_size=4, max_queue=8, speculative=speculative, prefill_chunk=7
+    )
+    scheduler.start()
+    try:
+        sinks = [Collect() for _ in prompts]
+        scheduler.submit([_row(prompts[i], budgets[i], sinks[i]) for i in range(3)])
+        assert sinks[0].first.wait(30)  # the batch is running: the next rows join it, one waits
+        scheduler.submit([_row(prompts[i], budgets[i], sinks[i]) for i in range(3, 6)])
+        for sink in sinks:
+            assert sink.finished.wait(60)
+    finally:
+        scheduler.stop()
+    for prompt, budget, sink in zip(prompts, budgets, sinks, strict=True):
+        expected = generate(model, [prompt], budget, speculative=False).tokens[0]
+        assert sink.tokens == expected and sink.end[:2] == ("done", "length")
+
+
+def test_a_cancelled_row_leaves_and_a_failed_step_fails_only_its_batch(model, monkeypatch):
+    # generate() sets up the model's caches itself: run it before the scheduler owns the model.
+    expected = {
+        (4, 5): generate(model, [[4, 5]], 10).tokens[0],
+        (7, 8, 9): generate(model, [[7, 8, 9]], 5).tokens[0],
+    }
+    scheduler = Scheduler(model, None, max_batch_size=2, max_queue=4, speculative="on")
+    scheduler.start()
+    try:
+        cancelled, kept = Collect(), Collect()
+        doomed = _row([1, 2, 3], 80, cancelled)
+        scheduler.submit([doomed, _row([4, 5], 10, kept)])
+        assert cancelled.first.wait(30)
+        doomed.cancel()
+        assert kept.finished.wait(30) and kept.tokens == expected[4, 5]
+        assert len(cancelled.tokens) < 80 and cancelled.end is None
+        real_step = scheduler_module.decode_step
+        calls = {"n": 0}
+
+        def failing_once(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("simulated device error")
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(scheduler_module, "decode_step", failing_once)
+        failed = Collect()
+        scheduler.submit([_row([7, 8, 9], 5, failed)])
+        assert failed.finished.wait(30) and failed.end[0] == "error"
+        after = Collect()
+        scheduler.submit([_row([7, 8, 9], 5, after)])
+        assert after.finished.wait(30) and after.tokens == expected[7, 8, 9]
+    finally:
+        scheduler.stop()
