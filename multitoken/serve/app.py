@@ -13,10 +13,12 @@ one is logged with the request id and answered 500 without a traceback.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -210,13 +212,28 @@ class Pending:
     def __init__(self, state: ServerState, request_id: str) -> None:
         self.state, self.request_id = state, request_id
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
         self.choices: list[Choice] = []
         self.jobs: list[Row | ScoreJob] = []
         self.deadline = time.monotonic() + state.request_timeout
+        # The scheduler thread appends events here and wakes the event loop at most once per batch.
+        self._inbox: collections.deque = collections.deque()
+        self._ready = asyncio.Event()
+        self._lock = threading.Lock()
+        self._wake_scheduled = False
 
     def _sink(self, index: int, event: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+        """Called on the scheduler thread."""
+        self._inbox.append((index, event))
+        with self._lock:
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_scheduled = False
+        self._ready.set()
 
     def add_row(
         self, prompt: list[int], params: SamplingParams, max_tokens: int, stop, seed, logprobs
@@ -266,39 +283,58 @@ class Pending:
     def open(self) -> int:
         return sum(c.reason is None for c in self.choices)
 
-    async def events(self) -> AsyncIterator[tuple[int, str]]:
-        """(choice, new text) as tokens arrive, until every choice is done; applies events to choices."""
+    async def events(self, stream: bool = True) -> AsyncIterator[tuple[int, str]]:
+        """(choice, new text) as tokens arrive, until every choice is done; applies events to choices.
+
+        Events that arrived together are merged: one (choice, text) per choice that has new text or
+        just finished. Without `stream` the text is decoded once at the end, not as it grows.
+        """
         while self.open:
-            left = self.deadline - time.monotonic()
-            try:
-                index, event = await asyncio.wait_for(self.queue.get(), timeout=max(left, 0.0))
-            except asyncio.TimeoutError:
-                self.cancel()
-                raise ApiError(
-                    504, f"the request took longer than {self.state.request_timeout:g} s", "timeout"
-                ) from None
-            choice = self.choices[index]
-            kind = event[0]
-            if kind == "tokens":
-                choice.tokens.extend(event[1])
-                delta = choice.text.add(event[1])
-                if delta:
+            self._ready.clear()
+            if not self._inbox:
+                left = self.deadline - time.monotonic()
+                try:
+                    await asyncio.wait_for(self._ready.wait(), timeout=max(left, 0.0))
+                except asyncio.TimeoutError:
+                    self.cancel()
+                    raise ApiError(
+                        504, f"the request took longer than {self.state.request_timeout:g} s", "timeout"
+                    ) from None
+                continue
+            new: dict[int, list[int]] = {}
+            finished: list[int] = []
+            while self._inbox:
+                index, event = self._inbox.popleft()
+                choice, kind = self.choices[index], event[0]
+                if kind == "tokens":
+                    choice.tokens.extend(event[1])
+                    new.setdefault(index, []).extend(event[1])
+                elif kind == "done":
+                    _, reason, scored = event
+                    choice.logprobs = scored
+                    choice.reason = "length" if reason in ("length", "score") else "stop"
+                    choice.generated = len(choice.tokens) + (reason == "eos")
+                    finished.append(index)
+                else:
+                    self.cancel()
+                    raise ApiError(503, event[1], "service_unavailable")
+            if not stream:
+                for index, ids in new.items():
+                    self.choices[index].text.ids.extend(ids)  # decoded once, at the end
+                continue
+            for index in sorted({*new, *finished}):
+                text = self.choices[index].text
+                delta = text.add(new[index]) if index in new else ""
+                if index in finished:
+                    delta += text.finish()
+                if delta or index in finished:
                     yield index, delta
-            elif kind == "done":
-                _, reason, scored = event
-                choice.logprobs = scored
-                choice.reason = "length" if reason in ("length", "score") else "stop"
-                choice.generated = len(choice.tokens) + (reason == "eos")
-                yield index, choice.text.finish()
-            else:
-                self.cancel()
-                raise ApiError(503, event[1], "service_unavailable")
 
     async def wait(self, request: Request) -> None:
         """Until every choice is done; the client leaving cancels the rows."""
 
         async def consume():
-            async for _ in self.events():
+            async for _ in self.events(stream=False):
                 pass
 
         work = asyncio.ensure_future(consume())

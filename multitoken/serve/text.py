@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 
 class IncrementalText:
-    """Decodes a growing list of token ids; `delta()` returns the text that is safe to send now."""
+    """Decodes a growing list of token ids; `add()` returns the text that is safe to send now."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer

@@ -1,0 +1,283 @@
+"""Serving throughput and latency: N concurrent streaming clients against `multitoken serve`, beside
+offline batched `generate()` at the same batch size, with and without self-speculative decoding.
+
+    python benchmarks/serve.py --checkpoint runs/demo --clients 1,8,32 --requests 64
+    python benchmarks/serve.py                                   # a random debug model, seconds
+    python benchmarks/serve.py --checkpoint runs/demo --soak 10000 --clients 32 --speculative auto
+
+For each --speculative mode a server starts on a free loopback port (--max-batch-size = the largest
+client count). For each client count C, C clients send --requests greedy streaming requests in all,
+each client one at a time; we record time to first token, request latency and usage tokens. The offline
+figure decodes the same prompts with `generate()` in batches of C in this process (the server idle), so
+`ratio` = served tokens/s / offline tokens/s. With --soak N, N more requests run against the last server
+and its resident memory (VmRSS) is read after the first tenth of them and at the end. Every loop is
+bounded by a count and by --time-limit seconds. Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from common import machine_description, markdown_table, median, today
+
+from multitoken.checkpoint import load_checkpoint, save_checkpoint
+from multitoken.config import preset_config
+from multitoken.generate import generate
+from multitoken.model import MultiTokenLM
+from multitoken.tokenizer import byte_tokenizer
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n\ndef main():",
+    "class Stack:\n    def __init__(self):",
+    "def read_lines(path):",
+    "def is_prime(n):",
+    "    for i in range(len(items)):",
+    "def merge_sort(values):",
+    "from collections import defaultdict\n\ndef count_words(text):",
+]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="checkpoint or run directory; default: a random debug model")
+    parser.add_argument("--n-future", type=int, default=4, help="heads of the random model")
+    parser.add_argument("--clients", default="1,8,32", help="concurrent clients, comma separated")
+    parser.add_argument("--requests", type=int, default=64, help="requests per client count")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--speculative", default="off,auto", help="server modes to compare (off, on, auto)")
+    parser.add_argument("--soak", type=int, default=0, help="requests of the memory soak (0: none)")
+    parser.add_argument("--soak-max-tokens", type=int, default=16)
+    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per phase at most")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads here and in the server (0: default)"
+    )
+    return parser.parse_args()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_checkpoint(directory: Path, n_future: int) -> Path:
+    config = preset_config("debug", vocab_size=258, n_future=n_future, max_seq_len=512)
+    torch.manual_seed(0)
+    run = directory / "random-debug"
+    save_checkpoint(run, 0, MultiTokenLM(config), byte_tokenizer())
+    return run
+
+
+def start_server(checkpoint: str, mode: str, batch: int, device: str, threads: int):
+    port = free_port()
+    argv = [sys.executable, "-m", "multitoken", "serve", "--checkpoint", checkpoint, "--port", str(port)]
+    argv += ["--speculative", mode, "--max-batch-size", str(batch), "--max-queue", str(4 * batch)]
+    argv += ["--device", device, "--log-level", "warning", "--served-model-name", "bench"]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.Popen(argv, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise SystemExit("the server did not become healthy in 300 s")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def one_request(http: httpx.AsyncClient, base: str, prompt: str, max_tokens: int) -> dict:
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first, tokens, done = None, 0, False
+    async with http.stream("POST", f"{base}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            return {"ok": False}
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                return {"ok": False}
+            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter() - start
+    return {"ok": done, "ttft": first if first is not None else end, "latency": end, "tokens": tokens}
+
+
+async def run_clients(base: str, clients: int, n_requests: int, max_tokens: int, time_limit: float):
+    """`clients` workers share `n_requests` requests; returns (results, wall seconds)."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_requests)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    results = []
+    stop_at = time.monotonic() + time_limit
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def worker(http):
+        while not queue.empty() and time.monotonic() < stop_at:
+            prompt = queue.get_nowait()
+            try:
+                results.append(await one_request(http, base, prompt, max_tokens))
+            except httpx.HTTPError:
+                results.append({"ok": False})
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await asyncio.gather(*(worker(http) for _ in range(clients)))
+    return results, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def offline_tokens_per_s(
+    model, tokenizer, clients: int, n_requests: int, max_tokens: int, mode: str
+) -> float:
+    """generate() over the same prompts in batches of `clients`, greedy, same speculative mode."""
+    speculative = {"off": False, "on": True, "auto": None}[mode]
+    ids = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(n_requests)]
+    tokens, seconds = 0, 0.0
+    for first in range(0, n_requests, clients):
+        start = time.perf_counter()
+        result = generate(
+            model, ids[first : first + clients], max_tokens, speculative=speculative, eos_id=tokenizer.eos_id
+        )
+        seconds += time.perf_counter() - start
+        tokens += result.stats.new_tokens
+    return tokens / seconds
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clients = [int(c) for c in args.clients.split(",") if c]
+    modes = [m for m in args.speculative.split(",") if m]
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint or str(random_checkpoint(Path(tmp), args.n_future))
+        model, tokenizer = load_checkpoint(checkpoint, device=args.device)
+        model.eval()
+        rows, soak_row = [], None
+        for mode in modes:
+            proc, base = start_server(checkpoint, mode, max(clients), args.device, args.threads)
+            try:
+                for c in clients:
+                    asyncio.run(run_clients(base, c, min(c, args.requests), args.max_tokens, 60))  # warm-up
+                    results, wall = asyncio.run(
+                        run_clients(base, c, args.requests, args.max_tokens, args.time_limit)
+                    )
+                    ok = [r for r in results if r["ok"]]
+                    served = sum(r["tokens"] for r in ok) / wall
+                    offline = offline_tokens_per_s(model, tokenizer, c, args.requests, args.max_tokens, mode)
+                    ttft = [r["ttft"] for r in ok]
+                    latency = [r["latency"] for r in ok]
+                    rows.append(
+                        [
+                            mode,
+                            c,
+                            len(results),
+                            len(results) - len(ok) + (args.requests - len(results)),
+                            f"{served:.0f}",
+                            f"{offline:.0f}",
+                            f"{served / offline:.2f}",
+                            f"{median(ttft) * 1e3:.0f} / {percentile(ttft, 0.99) * 1e3:.0f}",
+                            f"{median(latency) * 1e3:.0f} / {percentile(latency, 0.99) * 1e3:.0f}",
+                        ]
+                    )
+                    print(markdown_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
+                if args.soak and mode == modes[-1]:
+                    soak_row = soak(proc, base, max(clients), args)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+    print(
+        f"\n{today()}, {machine_description(args.device)}; checkpoint {args.checkpoint or 'random debug'}, "
+        f"{args.requests} greedy streaming requests of {args.max_tokens} tokens per row\n"
+    )
+    print(markdown_table(HEADERS, rows))
+    if soak_row is not None:
+        print()
+        print(markdown_table(SOAK_HEADERS, [soak_row]))
+
+
+HEADERS = [
+    "speculative",
+    "clients",
+    "requests",
+    "failed",
+    "served tok/s",
+    "offline tok/s",
+    "ratio",
+    "TTFT p50/p99 ms",
+    "latency p50/p99 ms",
+]
+SOAK_HEADERS = ["requests", "failed", "RSS after 10% (MiB)", "RSS at end (MiB)", "growth", "seconds"]
+
+
+def soak(proc, base: str, clients: int, args) -> list:
+    """`args.soak` short requests; the server's RSS after the first tenth and at the end."""
+    start = time.perf_counter()
+    warm = max(1, args.soak // 10)
+    first, _ = asyncio.run(run_clients(base, clients, warm, args.soak_max_tokens, args.time_limit))
+    rss_start = rss_mib(proc.pid)
+    rest, _ = asyncio.run(run_clients(base, clients, args.soak - warm, args.soak_max_tokens, args.time_limit))
+    rss_end = rss_mib(proc.pid)
+    results = first + rest
+    failed = sum(not r["ok"] for r in results) + (args.soak - len(results))
+    return [
+        len(results),
+        failed,
+        f"{rss_start:.0f}",
+        f"{rss_end:.0f}",
+        f"{(rss_end / rss_start - 1) * 100:+.1f}%",
+        f"{time.perf_counter() - start:.0f}",
+    ]
+
+
+if __name__ == "__main__":
+    main()
