@@ -92,6 +92,7 @@ class ServerState:
     draining: bool = False
     in_flight: int = 0
     created: int = field(default_factory=now)
+    notifier: LoopNotifier | None = None
 
     @property
     def context(self) -> int:
@@ -194,6 +195,37 @@ class Guard:
 # ---- requests to rows ----------------------------------------------------------------------------------
 
 
+class LoopNotifier:
+    """Wakes the event loop once for the events of many requests (one decoding step), not per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._dirty: set[asyncio.Event] = set()
+        self._scheduled = False
+
+    @classmethod
+    def of(cls, state: ServerState, loop: asyncio.AbstractEventLoop) -> LoopNotifier:
+        if state.notifier is None or state.notifier.loop is not loop:
+            state.notifier = cls(loop)
+        return state.notifier
+
+    def mark(self, ready: asyncio.Event) -> None:
+        """Called on the scheduler thread: set `ready` on the loop soon."""
+        with self._lock:
+            self._dirty.add(ready)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            dirty, self._dirty, self._scheduled = self._dirty, set(), False
+        for ready in dirty:
+            ready.set()
+
+
 @dataclass
 class Choice:
     """One choice's progress, as its events arrive."""
@@ -215,25 +247,15 @@ class Pending:
         self.choices: list[Choice] = []
         self.jobs: list[Row | ScoreJob] = []
         self.deadline = time.monotonic() + state.request_timeout
-        # The scheduler thread appends events here and wakes the event loop at most once per batch.
+        # The scheduler thread appends events here; the notifier wakes the loop once per step.
         self._inbox: collections.deque = collections.deque()
         self._ready = asyncio.Event()
-        self._lock = threading.Lock()
-        self._wake_scheduled = False
+        self._notifier = LoopNotifier.of(state, self.loop)
 
     def _sink(self, index: int, event: tuple) -> None:
         """Called on the scheduler thread."""
         self._inbox.append((index, event))
-        with self._lock:
-            if self._wake_scheduled:
-                return
-            self._wake_scheduled = True
-        self.loop.call_soon_threadsafe(self._wake)
-
-    def _wake(self) -> None:
-        with self._lock:
-            self._wake_scheduled = False
-        self._ready.set()
+        self._notifier.mark(self._ready)
 
     def add_row(
         self, prompt: list[int], params: SamplingParams, max_tokens: int, stop, seed, logprobs

@@ -21,7 +21,9 @@ class IncrementalText:
 
     def text(self) -> str:
         """The whole text so far, cut before the first stop string."""
-        text = self.tokenizer.decode(self.ids)
+        return self._cut(self.tokenizer.decode(self.ids))
+
+    def _cut(self, text: str) -> str:
         cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         return text[: min(cuts)] if cuts else text
 
@@ -29,7 +31,7 @@ class IncrementalText:
         """Append ids; the new text that no later token can change."""
         self.ids.extend(ids)
         full = self.tokenizer.decode(self.ids)
-        text = self.text()
+        text = self._cut(full)
         # Until a stop string appears, hold back what could be the start of one.
         end = len(text.rstrip("\ufffd")) - self.hold if len(text) == len(full) else len(text)
         return self._take(text, end)
