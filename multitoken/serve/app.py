@@ -522,6 +522,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if state.draining:
+            return _error_response(503, "the server is shutting down", "service_unavailable")
         if not state.scheduler.ready:
             return _error_response(503, "the model is not ready", "service_unavailable")
         return {"status": "ok"}

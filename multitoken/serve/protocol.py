@@ -82,7 +82,7 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
-        """The message's text; content parts other than text are refused by the caller."""
+        """The message's text: a string, or the text parts of a list of parts (other parts are ignored)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
 from multitoken.draft_policy import DraftPolicy
 from multitoken.errors import UserError
-from multitoken.generate import adaptive_policy
+from multitoken.generate import CALIBRATION_CACHE_LEN, adaptive_policy
 from multitoken.lab.icl import next_token_logits
 from multitoken.row_output import RowOutput
 from multitoken.sampling import RowSampling, SamplingParams
@@ -242,7 +242,7 @@ class Scheduler:
             bucket, measured = 1, False
             while True:
                 if not costs.knows(names, bucket):
-                    cache_len = min(256, self.context)
+                    cache_len = min(CALIBRATION_CACHE_LEN, self.context)
                     self.policy.calibration_seconds += costs.calibrate(
                         self.model, bucket, candidates, cache_len
                     )

@@ -346,6 +346,7 @@ def test_sigterm_drains_then_exits_zero(server, client):
             time.sleep(0.2)
             refused = http.post(f"{base}/v1/completions", json={"model": NAME, "prompt": "b"})
             assert refused.status_code == 503
+            assert http.get(f"{base}/health").status_code == 503  # load balancers stop sending
             rest = [line for line in lines if line.startswith("data:")]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][5:])["choices"][0]["finish_reason"] == "length"
