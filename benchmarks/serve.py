@@ -12,6 +12,11 @@ figure decodes the same prompts with `generate()` in batches of C in this proces
 `ratio` = served tokens/s / offline tokens/s. With --soak N, N more requests run against the last server
 and its resident memory (VmRSS) is read after the first tenth of them and at the end. Every loop is
 bounded by a count and by --time-limit seconds. Prints markdown tables.
+
+Besides wall-clock tokens/s, each side's tokens per CPU second: the server process's CPU time (every
+thread: scheduler, event loop) against this process's during the offline run. On a machine shared
+with other jobs the CPU ratio is the fair one, since a server whose threads hand work to each other
+waits in the run queue at each hand-off while a single busy offline loop keeps its core.
 """
 
 from __future__ import annotations
@@ -105,6 +110,12 @@ def start_server(checkpoint: str, mode: str, batch: int, device: str, threads: i
     raise SystemExit("the server did not become healthy in 300 s")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -177,19 +188,21 @@ def percentile(values: list[float], q: float) -> float:
 
 def offline_tokens_per_s(
     model, tokenizer, clients: int, n_requests: int, max_tokens: int, mode: str
-) -> float:
-    """generate() over the same prompts in batches of `clients`, greedy, same speculative mode."""
+) -> tuple[float, float]:
+    """generate() over the same prompts in batches of `clients`, greedy, same speculative mode:
+    (tokens per wall second, tokens per CPU second of this process)."""
     speculative = {"off": False, "on": True, "auto": None}[mode]
     ids = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(n_requests)]
-    tokens, seconds = 0, 0.0
+    tokens, seconds, cpu = 0, 0.0, 0.0
     for first in range(0, n_requests, clients):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = generate(
             model, ids[first : first + clients], max_tokens, speculative=speculative, eos_id=tokenizer.eos_id
         )
         seconds += time.perf_counter() - start
+        cpu += time.process_time() - cpu_start
         tokens += result.stats.new_tokens
-    return tokens / seconds
+    return tokens / seconds, tokens / cpu
 
 
 def main() -> None:
@@ -208,12 +221,16 @@ def main() -> None:
             try:
                 for c in clients:
                     asyncio.run(run_clients(base, c, min(c, args.requests), args.max_tokens, 60))  # warm-up
+                    cpu_start = cpu_seconds(proc.pid)
                     results, wall = asyncio.run(
                         run_clients(base, c, args.requests, args.max_tokens, args.time_limit)
                     )
                     ok = [r for r in results if r["ok"]]
-                    served = sum(r["tokens"] for r in ok) / wall
-                    offline = offline_tokens_per_s(model, tokenizer, c, args.requests, args.max_tokens, mode)
+                    tokens = sum(r["tokens"] for r in ok)
+                    served, served_cpu = tokens / wall, tokens / (cpu_seconds(proc.pid) - cpu_start)
+                    offline, offline_cpu = offline_tokens_per_s(
+                        model, tokenizer, c, args.requests, args.max_tokens, mode
+                    )
                     ttft = [r["ttft"] for r in ok]
                     latency = [r["latency"] for r in ok]
                     rows.append(
@@ -225,6 +242,9 @@ def main() -> None:
                             f"{served:.0f}",
                             f"{offline:.0f}",
                             f"{served / offline:.2f}",
+                            f"{served_cpu:.0f}",
+                            f"{offline_cpu:.0f}",
+                            f"{served_cpu / offline_cpu:.2f}",
                             f"{median(ttft) * 1e3:.0f} / {percentile(ttft, 0.99) * 1e3:.0f}",
                             f"{median(latency) * 1e3:.0f} / {percentile(latency, 0.99) * 1e3:.0f}",
                         ]
@@ -252,7 +272,10 @@ HEADERS = [
     "failed",
     "served tok/s",
     "offline tok/s",
-    "ratio",
+    "wall ratio",
+    "served tok/CPU-s",
+    "offline tok/CPU-s",
+    "CPU ratio",
     "TTFT p50/p99 ms",
     "latency p50/p99 ms",
 ]
