@@ -193,6 +193,29 @@ class DecodeBatch:
         self.row_greedy[:n] = [self.row_greedy[i] for i in keep]
         self.n_rows = n
 
+    def resize(self, cache_len: int) -> None:
+        """Give every row `cache_len` cache positions, keeping what the first min(old, new) hold.
+
+        For a server whose rows come and go: attention reads the whole cache, so a batch sized for its
+        longest live row (not the model's context) decodes faster. Shrinking is safe only when every
+        live row's prompt plus budget fits the new length; growing is always safe (the old spare slot
+        becomes an ordinary position, written before any query attends to it).
+        """
+        keep = min(cache_len, self.cache_len)
+        old = [(a, a.kv_cache.k_cache_BSKE, a.kv_cache.v_cache_BSKE) for a in self.model.attention_modules()]
+        self.model.setup_caches(self.capacity, cache_len, extra_slots=self.extra_slots)
+        for attn, k_BSKE, v_BSKE in old:
+            attn.kv_cache.k_cache_BSKE[:, :keep] = k_BSKE[:, :keep]
+            attn.kv_cache.v_cache_BSKE[:, :keep] = v_BSKE[:, :keep]
+        S = cache_len + self.extra_slots
+        for name in ("tok_hist_BS", "h_hist_BSD"):
+            tensor = getattr(self, name)
+            if tensor is not None and tensor.shape[1] > 0:
+                grown = tensor.new_zeros((tensor.shape[0], S, *tensor.shape[2:]))
+                grown[:, :keep] = tensor[:, :keep]
+                setattr(self, name, grown)
+        self.cache_len, self.scratch = cache_len, cache_len - 1
+
     @property
     def sampling(self) -> SamplingParams | RowSampling:
         """Shared settings (generate) or one per cache row (the server: assign, or `set_sampling`)."""

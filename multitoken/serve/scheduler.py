@@ -4,7 +4,9 @@ Every request choice is one row of a `multitoken.decoding.DecodeBatch`, whose ca
 it lives. The thread loops:
 
   1. drop rows that finished or were cancelled (`DecodeBatch.keep_rows` compacts the cache rows, so the
-     freed rows are reused by the next arrivals);
+     freed rows are reused by the next arrivals), and size the cache for the rows it holds
+     (`DecodeBatch.resize` to a power of two covering the longest prompt + max_tokens: attention reads
+     every cache position, so a batch of short requests must not pay for the model's whole context);
   2. admit waiting rows into free cache rows, and prefill prompts in chunks of at most `prefill_chunk`
      tokens per iteration (a long prompt takes several iterations; running rows keep decoding between);
   3. run one `decode_step` over the batch under the draft plan the `DraftPolicy` chooses (or the fixed
@@ -17,8 +19,8 @@ sequence, for `echo` + `logprobs` (lm-eval's loglikelihood requests).
 Every row carries its own sampling settings (`RowSampling`), so greedy and sampled requests share a
 batch; a greedy row's tokens are those of plain greedy decoding whatever else runs beside it (up to
 floating-point ties), as in `generate()`. A seeded request that starts into an empty batch reseeds the
-batch's generator and starts a fresh policy from the calibrated step costs, ignoring step timings while
-it runs, so the same request alone gives the same tokens every time.
+batch's generator and starts a fresh policy (no acceptance statistics from earlier requests), so the
+same request alone gives the same tokens every time.
 
 Events go back to the caller through each row's `sink`, called on this thread: ("tokens", ids) as they
 are kept, then ("done", reason, logprobs) or ("error", message).
@@ -46,12 +48,14 @@ from multitoken.lab.icl import next_token_logits
 from multitoken.row_output import RowOutput
 from multitoken.sampling import RowSampling, SamplingParams
 from multitoken.speculative import draft_depth
-from multitoken.step_costs import StepCosts, batch_bucket
+from multitoken.step_costs import batch_bucket
 
 log = logging.getLogger("multitoken.serve")
 
 PREFILL_CHUNK = 512
 """Prompt tokens prefilled per scheduler iteration, over all joining rows."""
+MIN_CACHE_LEN = 128
+"""Fewest cache positions per row; the batch's cache grows by powers of two as its rows need."""
 
 Sink = Callable[[tuple], None]
 
@@ -150,7 +154,6 @@ class Scheduler:
         elif speculative == "on":
             self.fixed = DraftPlan.chain(self.n_heads)
         self.policy: DraftPolicy | None = None
-        self._calibrated: StepCosts | None = None
         self._cv = threading.Condition()
         self._waiting: deque[Row] = deque()
         self._scores: deque[ScoreJob] = deque()
@@ -158,7 +161,6 @@ class Scheduler:
         self._stopping = False
         self._ready = threading.Event()
         self._failed: BaseException | None = None
-        self._seeded_run = False
         self._sampling_stale = True
         self._extra_slots = 0
         self.batch: DecodeBatch | None = None
@@ -252,7 +254,6 @@ class Scheduler:
                 bucket = batch_bucket(bucket + 1)
             if measured:
                 costs.save(self.model)
-            self._calibrated = StepCosts({b: dict(row) for b, row in costs.table.items()})
         self._extra_slots = max([p.block for p in candidates if p.tree is not None], default=0)
         self._new_batch()
 
@@ -263,12 +264,13 @@ class Scheduler:
         self.batch = DecodeBatch(
             self.model,
             self.capacity,
-            self.context,
+            self._cache_len(0),
             extra_slots=self._extra_slots,
             compile=self.compile,
             generator=torch.Generator(device=self.device),
         )
         self.batch.prefill_heads = self.n_heads > 0
+        self.batch.track_ranks = self.policy is not None and self.policy.trees
         self._rows, self._sampling_stale = [], True
 
     def _loop(self) -> None:
@@ -329,26 +331,31 @@ class Scheduler:
         if not self._rows and admitted[0].seed is not None:
             # A seeded request alone: same generator state and same plan choices on every run.
             self.batch.generator.manual_seed(admitted[0].seed)
-            self._seeded_run = True
             if self.policy is not None:
                 self.policy = self._fresh_policy()
-        elif not self._rows:
-            self._seeded_run = False
         self._rows.extend(admitted)
         self._sampling_stale = True
 
     def _fresh_policy(self) -> DraftPolicy:
-        policy = DraftPolicy(
+        return DraftPolicy(
             self.policy.n_heads,
-            StepCosts({b: dict(row) for b, row in self._calibrated.table.items()}),
+            self.policy.costs,
             trees=self.policy.trees,
             device=self.device,
             vocab_size=self.model.config.vocab_size,
         )
-        return policy
+
+    def _cache_len(self, needed: int) -> int:
+        """Cache positions for rows needing `needed` (prompt + max_tokens): a power of two, at least
+        MIN_CACHE_LEN, at most the context; attention reads them all, so shorter is faster."""
+        return min(self.context, max(MIN_CACHE_LEN, 1 << max(needed - 1, 0).bit_length()))
 
     def _sync_sampling(self) -> None:
         if self._sampling_stale:
+            wanted = self._cache_len(max((len(r.prompt) + r.max_tokens for r in self._rows), default=0))
+            # Grow at once; shrink only to half or less, so a batch does not resize back and forth.
+            if wanted > self.batch.cache_len or 2 * wanted <= self.batch.cache_len:
+                self.batch.resize(wanted)
             self.batch.sampling = RowSampling.build([row.params for row in self._rows], self.device)
             self.batch.n_rows = len(self._rows)
             self._sampling_stale = False
@@ -403,10 +410,9 @@ class Scheduler:
             return
         n = len(rows)
         plan = self.fixed if self.fixed is not None else self.policy.choose(n)
-        started = time.perf_counter()
         record = decode_step(self.batch, plan, budget)
-        if self.policy is not None and self.fixed is None:
-            self.policy.observe(record, None if self._seeded_run else time.perf_counter() - started, n)
+        if self.fixed is None:
+            self.policy.observe(record, n)
         if self.metrics is not None:
             offsets = range(2, len(record.reached_J) + 2)
             self.metrics.record_step(

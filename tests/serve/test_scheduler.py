@@ -1,5 +1,6 @@
-"""The scheduler without HTTP: rows that join a running batch, wait in the queue, prefill in chunks and
-leave early decode exactly as `generate()` decodes each alone; a failing step fails only its batch."""
+"""The scheduler without HTTP: rows that join a running batch, wait in the queue, prefill in chunks,
+resize the cache and leave early decode exactly as `generate()` decodes each alone; a failing step
+fails only its batch."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from multitoken.decoding import DecodeBatch
 from multitoken.generate import generate
 from multitoken.sampling import SamplingParams
 from multitoken.serve import scheduler as scheduler_module
@@ -36,7 +38,7 @@ class Collect:
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(5, n_future=3, max_seq_len=96).double().eval()
+    return tiny_model(5, n_future=3, max_seq_len=256).double().eval()
 
 
 def _row(prompt, max_tokens, sink, **kwargs):
@@ -44,7 +46,12 @@ def _row(prompt, max_tokens, sink, **kwargs):
 
 
 @pytest.mark.parametrize("speculative", ["off", "on", "auto"])
-def test_rows_joining_and_leaving_equal_generate_alone(model, speculative):
+def test_rows_joining_and_leaving_equal_generate_alone(model, speculative, monkeypatch):
+    # Small caches, so the batch grows when the long prompt joins and shrinks after it leaves.
+    monkeypatch.setattr(scheduler_module, "MIN_CACHE_LEN", 16)
+    sizes = []
+    resize = DecodeBatch.resize
+    monkeypatch.setattr(DecodeBatch, "resize", lambda batch, n: sizes.append(n) or resize(batch, n))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 9, 3, 60, 4, 12)]
     budgets = [30, 12, 25, 20, 30, 8]
@@ -61,6 +68,7 @@ def test_rows_joining_and_leaving_equal_generate_alone(model, speculative):
             assert sink.finished.wait(60)
     finally:
         scheduler.stop()
+    assert 128 in sizes and sizes[-1] < 128  # grown for the 60-token prompt, shrunk after it
     for prompt, budget, sink in zip(prompts, budgets, sinks, strict=True):
         expected = generate(model, [prompt], budget, speculative=False).tokens[0]
         assert sink.tokens == expected and sink.end[:2] == ("done", "length")
