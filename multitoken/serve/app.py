@@ -319,6 +319,7 @@ class Pending:
                     await asyncio.wait_for(self._ready.wait(), timeout=max(left, 0.0))
                 except asyncio.TimeoutError:
                     self.cancel()
+                    log.warning("request %s timed out; its rows are cancelled", self.request_id)
                     raise ApiError(
                         504, f"the request took longer than {self.state.request_timeout:g} s", "timeout"
                     ) from None
@@ -339,6 +340,7 @@ class Pending:
                     finished.append(index)
                 else:
                     self.cancel()
+                    log.error("request %s failed in the scheduler: %s", self.request_id, event[1])
                     raise ApiError(503, event[1], "service_unavailable")
             if not stream:
                 for index, ids in new.items():
@@ -598,7 +600,7 @@ def create_app(state: ServerState) -> FastAPI:
                     pending.add_echo_only(prompt)
         pending.submit()
         name, created, cid = state.model_name, now(), new_id("cmpl")
-        echoes = [state.tokenizer.decode(p) if req.echo else "" for p in pending_prompts(pending)]
+        echoes = [state.tokenizer.decode(c.prompt) if req.echo else "" for c in pending.choices]
 
         def chunk(index: int, text: str, reason: str | None) -> dict:
             choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
@@ -732,7 +734,3 @@ def create_app(state: ServerState) -> FastAPI:
         }
 
     return Guard(app, state)
-
-
-def pending_prompts(pending: Pending) -> list[list[int]]:
-    return [c.prompt for c in pending.choices]

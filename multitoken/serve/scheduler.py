@@ -180,7 +180,8 @@ class Scheduler:
         return self._ready.is_set() and self._failed is None and self._thread.is_alive()
 
     def submit(self, rows: Sequence[Row], scores: Sequence[ScoreJob] = ()) -> None:
-        """Queue a request's rows and scoring jobs together, or raise QueueFull (nothing is queued)."""
+        """Queue a request's rows and scoring jobs together, or raise (QueueFull, EngineStopped, or a
+        UserError when the request alone exceeds batch + queue); nothing is queued then."""
         if len(rows) > self.capacity + self.max_queue:
             raise UserError(
                 f"the request needs {len(rows)} rows (prompts x n) but the server holds at most "
@@ -191,7 +192,7 @@ class Scheduler:
                 raise EngineStopped("the decoding engine is not running")
             if any(row.cancelled for row in self._waiting):
                 self._waiting = deque(row for row in self._waiting if not row.cancelled)
-            free = self.capacity - sum(not row.cancelled for row in self._rows)
+            free = self.capacity - sum(not (row.cancelled or row.output.done) for row in self._rows)
             if len(self._waiting) + len(rows) > self.max_queue + free:
                 raise QueueFull(
                     f"{len(self._waiting)} rows are waiting for the batch (limit {self.max_queue} beyond "
