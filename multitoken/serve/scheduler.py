@@ -270,7 +270,8 @@ class Scheduler:
             compile=self.compile,
             generator=torch.Generator(device=self.device),
         )
-        self.batch.prefill_heads = self.n_heads > 0
+        # As generate(): the adaptive mode lets cached drafting heads catch up when they first draft.
+        self.batch.prefill_heads = self.fixed is not None and self.n_heads > 0
         self.batch.track_ranks = self.policy is not None and self.policy.trees
         self._rows, self._sampling_stale = [], True
 
