@@ -1,6 +1,7 @@
 """Chat messages to prompt token ids: the checkpoint's chat template when it has one, else a plain one.
 
-An imported model carries its template in `tokenizer_config.json` (`chat_template`); it is rendered by
+An imported model carries its template (`chat_template.jinja`, or `chat_template` in
+`tokenizer_config.json`, as transformers saves it); it is rendered by
 transformers' own jinja renderer, as `tokenizer.apply_chat_template` would. The template writes control
 tokens such as `<|im_start|>` as text; those become their token ids, while the same strings inside a
 message's content stay plain text, so a user cannot forge a turn (transformers marks them the same way).
@@ -48,14 +49,18 @@ class ChatRenderer:
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, tokenizer) -> ChatRenderer:
-        """The renderer of a checkpoint: its `tokenizer_config.json` template if there is one."""
+        """The renderer of a checkpoint: its template if it has one, where transformers keeps it
+        (`chat_template.jinja`, else `chat_template` in `tokenizer_config.json`)."""
         path = Path(directory) / "tokenizer_config.json"
-        if not path.is_file():
-            return cls(tokenizer)
+        jinja = Path(directory) / "chat_template.jinja"
+        config: dict = {}
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
+            if path.is_file():
+                config = json.loads(path.read_text(encoding="utf-8"))
+            if jinja.is_file():
+                config["chat_template"] = jinja.read_text(encoding="utf-8")
         except (OSError, ValueError) as err:
-            raise UserError(f"cannot read {path}: {err}") from err
+            raise UserError(f"cannot read the chat template of {directory}: {err}") from err
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -68,7 +73,11 @@ class ChatRenderer:
         return cls(tokenizer, template if isinstance(template, str) else None, specials)
 
     def render(self, messages: list[dict]) -> str:
-        """The prompt text, with an assistant turn opened (control tokens from content marked)."""
+        """The prompt text, with an assistant turn opened."""
+        return self._render_marked(messages).replace(_START, "").replace(_END, "")
+
+    def _render_marked(self, messages: list[dict]) -> str:
+        """The prompt text, with the control tokens that came from message content marked."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
         marked = [{k: self._mark(v) for k, v in m.items()} for m in messages]
@@ -82,7 +91,7 @@ class ChatRenderer:
 
     def encode(self, messages: list[dict]) -> list[int]:
         """Token ids of the rendered prompt: the template's control tokens as ids, content as text."""
-        pieces = self.marked_re.split(self.render(messages))
+        pieces = self.marked_re.split(self._render_marked(messages))
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if not piece:
