@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import hmac
 import json
@@ -217,7 +218,8 @@ class LoopNotifier:
             if self._scheduled:
                 return
             self._scheduled = True
-        self.loop.call_soon_threadsafe(self._flush)
+        with contextlib.suppress(RuntimeError):  # a closed loop (shutdown): nobody is waiting any more
+            self.loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
         with self._lock:
