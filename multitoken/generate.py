@@ -15,6 +15,7 @@ import dataclasses
 import math
 import numbers
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -190,20 +191,40 @@ CALIBRATION_CACHE_LEN = 256
 def adaptive_policy(model, batch_size: int, costs: StepCosts | None = None) -> DraftPolicy:
     """A DraftPolicy for this model, with step costs loaded from the cache file or measured now."""
     config = model.config
-    device = next(model.parameters()).device
     policy = DraftPolicy(
         draft_depth(config) - 1,
         costs if costs is not None else StepCosts.load(model),
         trees=config.head_style != "sequential",
-        device=device,
+        device=next(model.parameters()).device,
         vocab_size=config.vocab_size,
     )
-    plans = policy.candidate_plans()
-    if not policy.costs.knows([p.name for p in plans], batch_size):
-        cache_len = min(CALIBRATION_CACHE_LEN, config.max_seq_len)
-        policy.calibration_seconds = policy.costs.calibrate(model, batch_size, plans, cache_len)
-        policy.costs.save(model)
+    policy.calibration_seconds = calibrate_for(policy, model, batch_size)
     return policy
+
+
+def calibrate_for(policy: DraftPolicy, model, batch_size: int) -> float:
+    """Measure (and cache) the policy's step costs at this batch size if they are unknown; the seconds spent."""
+    plans = policy.candidate_plans()
+    if policy.costs.knows([p.name for p in plans], batch_size):
+        return 0.0
+    cache_len = min(CALIBRATION_CACHE_LEN, model.config.max_seq_len)
+    seconds = policy.costs.calibrate(model, batch_size, plans, cache_len)
+    policy.costs.save(model)
+    return seconds
+
+
+_SHARED_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_policy(model, batch_size: int) -> tuple[DraftPolicy, float]:
+    """The policy unseeded generate() calls on this model share, so what one call learned (acceptance,
+    real step costs, how long since drafting paid) carries over to the next: (policy, calibration
+    seconds spent now)."""
+    policy = _SHARED_POLICIES.get(model)
+    if policy is None:
+        policy = _SHARED_POLICIES[model] = adaptive_policy(model, batch_size)
+        return policy, policy.calibration_seconds
+    return policy, calibrate_for(policy, model, batch_size)
 
 
 def _fixed_plan(model, speculative, draft_tree: DraftTree | None, device) -> DraftPlan | None:
@@ -248,7 +269,8 @@ def generate(
     drafting head (a chain, or `draft_tree`), `False` never drafts. Every plan is lossless: greedy
     output is token for token that of plain greedy decoding (up to floating-point ties), and sampling
     draws from exactly the distribution of plain sampling, though not the same tokens for a given seed.
-    `policy` passes a DraftPolicy to reuse (its statistics and costs carry over between calls).
+    Unseeded calls on a model share one policy, so what one call learned carries over to the next;
+    a seeded call starts from a fresh one. `policy` passes a DraftPolicy of your own.
 
     A row ends at `eos_id` (not included in its tokens), after a stop string (kept; needs `tokenizer`),
     or after max_new_tokens. `on_tokens(row, new_ids)` is called as tokens are accepted, for streaming.
@@ -263,8 +285,13 @@ def generate(
     fixed = _fixed_plan(model, speculative, draft_tree, device)
     calibration = 0.0
     if fixed is None and policy is None:
-        policy = adaptive_policy(model, B)
-        calibration = policy.calibration_seconds
+        # A seeded call starts from a fresh policy, so its plans (and so its samples) depend on
+        # nothing but the seed; unseeded calls share the model's policy and what it has learned.
+        if seed is None:
+            policy, calibration = shared_policy(model, B)
+        else:
+            policy = adaptive_policy(model, B)
+            calibration = policy.calibration_seconds
     start_time = time.perf_counter()
     # The clock of step costs: this process's CPU time on a CPU (other jobs do not inflate it), the
     # wall clock on a GPU (each step ends with a device-to-host copy, so GPU work is inside it).

@@ -10,7 +10,7 @@ from test_speculative import PARAMS, chi2_pvalue, exact_laws, make_stub, peaky, 
 from multitoken.decoding import DraftPlan, StepRecord
 from multitoken.draft_policy import DraftPolicy, expected_chain_tokens, expected_tree_tokens
 from multitoken.draft_tree import DraftTree
-from multitoken.generate import generate
+from multitoken.generate import generate, shared_policy
 from multitoken.step_costs import StepCosts
 
 from conftest import tiny_model
@@ -154,7 +154,21 @@ def test_default_policy_measures_costs_once_and_reuses_them(tmp_path, monkeypatc
     model = tiny_model(1, n_future=3, head_style="linear").eval()
     first = generate(model, PROMPTS, 6)
     assert first.stats.calibration_seconds > 0 and (tmp_path / "step_costs.json").is_file()
-    second = generate(model, PROMPTS, 6)
-    assert second.stats.calibration_seconds == 0 and second.tokens == first.tokens
+    again = generate(model, PROMPTS, 6)  # the model's shared policy: nothing to measure
+    assert again.stats.calibration_seconds == 0 and again.tokens == first.tokens
+    assert shared_policy(model, 4)[0] is shared_policy(model, 4)[0]
+    same_shape = tiny_model(1, n_future=3, head_style="linear").eval()  # a new policy reads the file
+    assert generate(same_shape, PROMPTS, 6, seed=0).stats.calibration_seconds == 0
     (tmp_path / "step_costs.json").write_text("not json")  # a damaged cache is measured again
-    assert generate(model, PROMPTS, 6).stats.calibration_seconds > 0
+    assert generate(same_shape, PROMPTS, 6, seed=0).stats.calibration_seconds > 0
+
+
+def test_unseeded_calls_share_what_the_policy_learned():
+    """Heads that never pay: the first call explores, later calls on the same model start where it left."""
+    stub = make_stub(1, 4, lambda b, i, t: False, S=200)
+    prompt = stub.seq_BS[0, :3].tolist()
+    policy = stub_policy()
+    first = generate(stub, [prompt], 60, policy=policy)
+    later = generate(stub, [prompt], 60, policy=policy)
+    assert first.tokens == later.tokens
+    assert later.stats.plans.get("plain", 0) > first.stats.plans.get("plain", 0)
