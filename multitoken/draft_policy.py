@@ -242,6 +242,10 @@ class DraftPolicy:
         plain = self.costs.seconds(plain_name, batch_size)
         return statistics.median(seen) / statistics.median(seen_plain) * plain if plain else calibrated
 
+    def new_text(self) -> None:
+        """New prompts may be more predictable: probe on the first schedule again, keeping the statistics."""
+        self.probe_interval, self.steps_since_drafting = FIRST_PROBE_INTERVAL, 0
+
     def _probe_cost(self, batch_size: int) -> float:
         """A probe's cost relative to a plain step: probes of costly heads come less often."""
         plain = self.step_seconds(self.chains[0].name, batch_size)

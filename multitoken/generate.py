@@ -224,6 +224,7 @@ def shared_policy(model, batch_size: int) -> tuple[DraftPolicy, float]:
     if policy is None:
         policy = _SHARED_POLICIES[model] = adaptive_policy(model, batch_size)
         return policy, policy.calibration_seconds
+    policy.new_text()
     return policy, calibrate_for(policy, model, batch_size)
 
 
