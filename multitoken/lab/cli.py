@@ -11,6 +11,7 @@ def lab_commands() -> list[tuple[tuple[str, ...], Callable[..., Any]]]:
     from multitoken.lab.emergence import emergence_cli
     from multitoken.lab.icl import icl_cli
     from multitoken.lab.induction_heads import induction_heads_cli
+    from multitoken.lab.mutual_information import mutual_information_cli
     from multitoken.lab.surprisal import surprisal_cli
     from multitoken.lab.tasks import tasks_cli
     from multitoken.lab.think import think_cli
@@ -22,4 +23,5 @@ def lab_commands() -> list[tuple[tuple[str, ...], Callable[..., Any]]]:
         (("lab", "think"), think_cli),
         (("lab", "icl"), icl_cli),
         (("lab", "emergence"), emergence_cli),
+        (("lab", "mutual-information"), mutual_information_cli),
     ]
