@@ -58,7 +58,9 @@ class InductionScale(Budget):
     vocab_size: int
     """BPE vocabulary before the name syllables are added."""
     seeds: int = 1
-    """Model seeds of the two smallest widths (larger widths train one seed: they are cut first)."""
+    """Model seeds of the two smallest widths."""
+    seeds_rest: int = 1
+    """Model seeds of the larger widths (no more than `seeds`: the largest are cut first)."""
     checkpoints: int = 4
     """Kept checkpoints per run, each scored: the best is the paper's early stopping on the test metric."""
 
@@ -69,7 +71,8 @@ SCALES = {
     "small": InductionScale(dims=(32, 64, 128), n_layers=4, max_steps=600, batch_size=32, seq_len=128,
                             n_stories=20_000, n_eval=300, vocab_size=1024),
     "cpu": InductionScale(dims=(32, 64, 96, 128), n_layers=4, max_steps=1500, batch_size=32, seq_len=128,
-                          n_stories=50_000, n_eval=300, vocab_size=1024, seeds=2, checkpoints=6),
+                          n_stories=50_000, n_eval=300, vocab_size=1024, seeds=2, seeds_rest=2,
+                          checkpoints=6),
     "medium": InductionScale(dims=(64, 128, 256, 512), n_layers=6, max_steps=5000, batch_size=64,
                              seq_len=256, n_stories=200_000, n_eval=1000, vocab_size=4096, lr=1e-3, seeds=2,
                              checkpoints=10),
@@ -270,12 +273,41 @@ def run_name(dim: int, n_future: int, seed_offset: int) -> str:
 def planned_runs(preset: InductionScale) -> list[tuple[int, int, int]]:
     """(dim, n_future, seed offset) in training order: one seed of every width, widest first, then extra seeds.
 
-    Widest first, so the run that shows whether the budget teaches copying at all finishes early; the
-    extra seeds (two smallest widths only) come last.
+    Widest first, so the run that shows whether the budget teaches copying at all finishes early; then
+    the extra seeds of the two smallest widths, then those of the larger widths.
     """
-    first = [(dim, n, 0) for dim in sorted(preset.dims, reverse=True) for n in N_FUTURE]
-    extra = [(dim, n, s) for s in range(1, preset.seeds) for dim in sorted(preset.dims)[:2] for n in N_FUTURE]
-    return first + extra
+    dims = sorted(preset.dims)
+    first = [(dim, n, 0) for dim in reversed(dims) for n in N_FUTURE]
+    small = [(dim, n, s) for s in range(1, preset.seeds) for dim in dims[:2] for n in N_FUTURE]
+    rest = [(dim, n, s) for s in range(1, preset.seeds_rest) for dim in reversed(dims[2:]) for n in N_FUTURE]
+    return first + small + rest
+
+
+def train_run(
+    root: Path,
+    preset: InductionScale,
+    data: Path,
+    dim: int,
+    n: int,
+    seed: int,
+    offset: int,
+    device: str,
+    progress: bool,
+) -> Path:
+    """Train (or resume, or reuse) model (dim, n, seed + offset) of the sweep into root/runs; its run directory."""
+    n_heads = max(1, dim // 16)
+    model = dict(dim=dim, n_layers=preset.n_layers, n_heads=n_heads, n_kv_heads=n_heads, n_future=n,
+                 max_seq_len=max(preset.seq_len, 64))  # fmt: skip
+    cfg = preset.train_config(
+        data=data,
+        out=root / "runs" / run_name(dim, n, offset),
+        model=model,
+        seed=seed + offset,
+        device=device,
+        progress=progress,
+        checkpoints=preset.checkpoints,
+    )
+    return train_variant(cfg)
 
 
 def score_run(run_dir: Path, data: Corpus, seq_len: int, device: str) -> dict:
@@ -326,20 +358,8 @@ def induction(
     data = build_corpus(root, preset, seed, corpus, names)
     results: dict[str, dict] = {}
     for dim, n, offset in planned_runs(preset):
-        n_heads = max(1, dim // 16)
-        model = dict(dim=dim, n_layers=preset.n_layers, n_heads=n_heads, n_kv_heads=n_heads, n_future=n,
-                     max_seq_len=max(preset.seq_len, 64))  # fmt: skip
         name = run_name(dim, n, offset)
-        cfg = preset.train_config(
-            data=data.data,
-            out=root / "runs" / name,
-            model=model,
-            seed=seed + offset,
-            device=device,
-            progress=scale != "debug",
-            checkpoints=preset.checkpoints,
-        )
-        run_dir = train_variant(cfg)
+        run_dir = train_run(root, preset, data.data, dim, n, seed, offset, device, progress=scale != "debug")
         results[name] = {
             "dim": dim,
             "n_future": n,
@@ -445,7 +465,7 @@ def _write_report(root: Path, scale: str, preset: InductionScale, data: Corpus, 
             "models": f"dims {list(preset.dims)}, {preset.n_layers} blocks, BPE vocab {data.tokenizer.vocab_size}",
             "training": f"{preset.max_steps} steps x {preset.batch_size} x {preset.seq_len} tokens, "
             f"{preset.checkpoints} checkpoints scored per run",
-            "seeds": f"{preset.seeds} for the two smallest widths, 1 above",
+            "seeds": f"{preset.seeds} for the two smallest widths, {preset.seeds_rest} above",
             "names": f"{data.n_names} random two-token names (syllable + syllable); every fifth is held out "
             "for the evaluation stories",
         },

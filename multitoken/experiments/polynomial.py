@@ -54,12 +54,10 @@ SCALES = {
                              n_train=1500, n_test=4, big_dim=64),
     "small": PolynomialScale(dim=128, n_layers=4, n_heads=4, max_steps=800, batch_size=32, seq_len=128,
                              n_train=100_000, n_test=100),
-    "cpu": PolynomialScale(dim=128, n_layers=4, n_heads=4, max_steps=1500, batch_size=16, seq_len=128,
-                           n_train=100_000, n_test=100, lr=1e-3, big_dim=224),
     "medium": PolynomialScale(dim=384, n_layers=8, n_heads=6, max_steps=10_000, batch_size=64, seq_len=256,
-                              n_train=1_000_000, n_test=500, lr=1e-3),
+                              n_train=1_000_000, n_test=500, lr=1e-3, big_dim=640),
     "large": PolynomialScale(dim=768, n_layers=12, n_heads=12, max_steps=30_000, batch_size=128,
-                             seq_len=256, n_train=5_000_000, n_test=1000, lr=6e-4),
+                             seq_len=256, n_train=5_000_000, n_test=1000, lr=6e-4, big_dim=1344),
 }  # fmt: skip
 
 
@@ -135,8 +133,8 @@ def polynomial(
 
     Args:
         out: report directory; training runs go under OUT/runs/nN and are reused when complete.
-        scale: debug (seconds), small (a CPU, ~30 min), cpu (a CPU core, ~1 hour, adds n=1 at 3x the
-            parameters), medium or large (GPU).
+        scale: debug (seconds), small (a CPU, ~30 min), medium or large (GPU; these add an n=1 model with
+            about 3x the parameters).
         seed: seed of the data and of every model's initialisation.
         device: cpu, cuda, cuda:N or auto.
     """
