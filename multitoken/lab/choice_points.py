@@ -111,8 +111,9 @@ def measure(model, tokens_WT: Tensor, sep_id: int | None, quantiles: tuple[float
 def run_choice_points(options: lr.LabOptions, quantiles: tuple[float, float]) -> Path:
     """Train (or read) a multi-head model and measure the weights of choice points; returns report.md."""
     n = options.n_future[0]
-    # The smallest scales have fewer blocks than 4 heads need: give such a model one block per head.
-    fields = {"n_future": n, "n_layers": max(n, options.sizes.model.get("n_layers", n))}
+    # Parameter-matched heads take their blocks from the trunk: keep at least two trunk blocks, so the
+    # "trunk output" is a computed state and not the embeddings.
+    fields = {"n_future": n, "n_layers": max(n + 2, options.sizes.model.get("n_layers", n))}
     runs, data = lr.lab_runs(options, lr.ENGLISH_SOURCE, extra_runs={f"n={n}": fields})
     if any(run.config.n_future < 2 for run in runs):
         raise UserError(
