@@ -7,8 +7,12 @@ import pytest
 from multitoken.cli import main
 
 EXPECTED = {
-    "polynomial": ("exact_match.png", {"n1", "n2", "n4"}, "exact_match_by_ops"),
-    "induction": ("induction_accuracy.png", {"d16-n1", "d16-n2", "d32-n1", "d32-n2"}, "accuracy_repeated"),
+    "polynomial": ("exact_match.png", {"n1", "n2", "n4", "n1-3x"}, "exact_match_by_ops"),
+    "induction": (
+        "induction_accuracy.png",
+        {"d16-n1", "d16-n2", "d32-n1", "d32-n2", "d16-n1-s1", "d16-n2-s1", "d32-n1-s1", "d32-n2-s1"},
+        "accuracy_repeated",
+    ),
     "bytes": ("bytes.png", {"n1", "n8"}, "bits_per_byte"),
     "nsweep": ("nsweep.png", {"n1", "n2", "n4", "n6", "n8"}, "speculative"),
 }
