@@ -16,8 +16,9 @@ statistics, decayed so that a change of text is followed within tens of steps:
 decoding wins, the policy still probes now and then with the cheapest drafting plan, a chain of one
 draft, at intervals that double while probing finds nothing (FIRST_PROBE_INTERVAL up to
 MAX_PROBE_INTERVAL steps, times the probe's cost relative to a plain step), so drafting resumes when
-drafts become useful; deeper heads are tried once the first one earns its keep. Every plan is lossless, so the choice changes speed only, never the
-output.
+drafts become useful; deeper heads are tried once the first one earns its keep. Once a plan has a few
+timed steps, their measured cost replaces the calibrated one. Every plan is lossless, so the choice
+changes speed only, never the output.
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ class AcceptanceStats:
     """
 
     n_heads: int
-    chain_reached: list[float] = field(default_factory=list)
-    chain_accepted: list[float] = field(default_factory=list)
-    rank_reached: list[float] = field(default_factory=list)
-    rank_hits: list[list[float]] = field(default_factory=list)
+    chain_reached: list[float] = field(init=False)
+    chain_accepted: list[float] = field(init=False)
+    rank_reached: list[float] = field(init=False)
+    rank_hits: list[list[float]] = field(init=False)
 
     def __post_init__(self) -> None:
         J = self.n_heads
