@@ -139,6 +139,8 @@ def _check_inputs(
         raise UserError(
             f"this model has no next-token head (head_offsets {config.head_offsets}); cannot decode"
         )
+    if speculative not in (None, True, False):
+        raise UserError(f"speculative must be None (adaptive), True or False, got {speculative!r}")
     if speculative and draft_depth(config) < 2:
         raise UserError(SPECULATIVE_HINT)
     if isinstance(stop_strings, str):

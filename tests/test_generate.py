@@ -152,6 +152,7 @@ def test_stop_strings_and_streaming():
             dict(speculative=True),
             "this model has one head; use --no-speculative or train with --n-future > 1",
         ),
+        (dict(speculative="maybe"), "speculative must be None (adaptive), True or False"),
         (dict(stop_strings=["x"]), "tokenizer"),
         (dict(stop_strings=[""]), "stop string is empty"),
         (dict(stop_strings="ab"), "not one string"),
