@@ -13,11 +13,11 @@ def __getattr__(name: str):
         from multitoken.checkpoint import load_checkpoint
 
         return load_checkpoint
-    if name == "from_hf_llama":
-        from multitoken.interop import from_hf_llama
+    if name in ("from_hf", "from_hf_llama", "to_hf"):
+        from multitoken import interop
 
-        return from_hf_llama
+        return getattr(interop, name)
     raise AttributeError(f"module 'multitoken' has no attribute {name!r}")
 
 
-__all__ = ["ModelConfig", "MultiTokenLM", "from_hf_llama", "generate", "load_checkpoint", "preset_config"]
+__all__ = ["ModelConfig", "MultiTokenLM", "from_hf", "from_hf_llama", "generate", "load_checkpoint", "preset_config", "to_hf"]

@@ -53,6 +53,14 @@ class ModelConfig:
     """Epsilon of RMSNorm."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding frequencies."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE frequency scaling; None is plain RoPE. Llama 3.1's: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}."""
+    head_dim: int | None = None
+    """Width of each attention head; None means dim // n_heads (Qwen3 sets it apart)."""
+    attention_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3)."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of linear and embedding weights."""
 
@@ -80,6 +88,10 @@ class ModelConfig:
         if self.ffn_hidden is None:
             hidden = int(2 * 4 * self.dim / 3)
             self.ffn_hidden = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.head_dim is None:
+            if self.n_heads < 1 or self.dim % self.n_heads:
+                raise UserError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
         self.validate()
 
     def validate(self) -> None:
@@ -94,10 +106,10 @@ class ModelConfig:
             )
         if self.vocab_size < 2 or self.dim < 1 or self.n_heads < 1:
             raise UserError("vocab_size must be at least 2, and dim and n_heads at least 1")
-        if self.dim % self.n_heads:
-            raise UserError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise UserError(f"head dimension dim/n_heads={self.dim // self.n_heads} must be even for RoPE")
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise UserError(f"head dimension {self.head_dim} must be a positive even number for RoPE")
+        if self.rope_scaling is not None:
+            validate_rope_scaling(self.rope_scaling)
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         if len(self.head_offsets) != self.n_future:
@@ -119,10 +131,6 @@ class ModelConfig:
                 raise UserError(f"{name} must be a positive finite number, got {getattr(self, name)}")
         if self.n_trunk_layers < 0:
             raise UserError(f"n_layers={self.n_layers} leaves no room for {self.n_future} heads")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
     @property
     def n_trunk_layers(self) -> int:
@@ -158,6 +166,23 @@ class ModelConfig:
             return cls.from_dict(values)
         except UserError as err:
             raise UserError(f"{path}: {err}") from None
+
+
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def validate_rope_scaling(scaling: dict[str, Any]) -> None:
+    """Raise UserError unless `scaling` is a complete Llama 3.1 ("llama3") RoPE scaling, the one we support."""
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise UserError(f"rope scaling {kind!r} is not supported; only 'llama3' (Llama 3.1+)")
+    missing = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
+    if missing:
+        raise UserError(f"llama3 rope scaling lacks {', '.join(missing)}")
+    if not all(isinstance(scaling[k], (int, float)) and scaling[k] > 0 for k in LLAMA3_ROPE_KEYS):
+        raise UserError(f"llama3 rope scaling values must be positive numbers, got {scaling}")
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise UserError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
 
 
 def dataclass_from_dict(cls: type, values: Any, what: str = "config"):

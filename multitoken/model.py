@@ -35,12 +35,37 @@ class RMSNorm(nn.Module):
         return normed.type_as(x_BTD) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of shape (max_seq_len, head_dim), in the rotate-half layout that HF Llama uses."""
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, scaling: dict | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape (max_seq_len, head_dim), in the rotate-half layout that HF Llama uses.
+
+    inv_freq_i = theta^(-2i/E), rescaled by `llama3_inv_freq` when `scaling` is Llama 3.1's.
+    """
     inv_freq_E2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq_E2 = llama3_inv_freq(inv_freq_E2, scaling)
     angles_SE2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq_E2)
     angles_SE = torch.cat([angles_SE2, angles_SE2], dim=-1)
     return angles_SE.cos(), angles_SE.sin()
+
+
+def llama3_inv_freq(inv_freq_E2: Tensor, scaling: dict) -> Tensor:
+    """Llama 3.1's RoPE scaling, as transformers' `_compute_llama3_parameters` computes it.
+
+    With wavelength w = 2 pi / f, L = original_max_position_embeddings: f is kept when w < L / high,
+    divided by `factor` when w > L / low, and in between blended with s = (L / w - low) / (high - low):
+    (1 - s) f / factor + s f.
+    """
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    wavelen_E2 = 2 * math.pi / inv_freq_E2
+    scaled_E2 = torch.where(wavelen_E2 > low_freq_wavelen, inv_freq_E2 / factor, inv_freq_E2)
+    smooth_E2 = (old_context_len / wavelen_E2 - low) / (high - low)
+    smoothed_E2 = (1 - smooth_E2) * scaled_E2 / factor + smooth_E2 * scaled_E2
+    is_medium_E2 = ~(wavelen_E2 < high_freq_wavelen) * ~(wavelen_E2 > low_freq_wavelen)
+    return torch.where(is_medium_E2, smoothed_E2, scaled_E2)
 
 
 def apply_rope(x_BHTE: Tensor, cos_BTE: Tensor, sin_BTE: Tensor) -> Tensor:
@@ -81,16 +106,23 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        bias = config.attention_bias
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        if config.qk_norm:  # Qwen3: RMSNorm over each head's width, before RoPE
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x_BTD: Tensor, rope: RopeContext) -> Tensor:
         B, T, _ = x_BTD.shape
-        q_BHTE = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BKTE = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BTHE = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
+        k_BTKE = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+        q_BHTE, k_BKTE = q_BTHE.transpose(1, 2), k_BTKE.transpose(1, 2)
         v_BKTE = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHTE = apply_rope(q_BHTE, rope.cos_BTE, rope.sin_BTE)
         k_BKTE = apply_rope(k_BKTE, rope.cos_BTE, rope.sin_BTE)
@@ -215,7 +247,8 @@ class MultiTokenLM(nn.Module):
 
     def init_buffers(self) -> None:
         """(Re)compute the RoPE tables: non-persistent buffers, in no state dict, so redone after `to_empty`."""
-        cos_SE, sin_SE = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        c = self.config
+        cos_SE, sin_SE = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
         device = self.tok_embeddings.weight.device
         self.register_buffer("rope_cos_SE", cos_SE.to(device), persistent=False)
         self.register_buffer("rope_sin_SE", sin_SE.to(device), persistent=False)
@@ -229,10 +262,19 @@ class MultiTokenLM(nn.Module):
         return LinearHead(self.config) if style == "linear" else SequentialHead(self.config)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """GPT-2 style init: N(0, init_std), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+    def reset_parameters(self, only: set[str] | None = None) -> None:
+        """GPT-2 style init: N(0, init_std), residual output projections scaled by 1/sqrt(2 * n_layers).
+
+        Biases start at zero, norms at one. `only` limits it to those parameter names.
+        """
         std = self.config.init_std
         for name, param in self.named_parameters():
+            if only is not None and name not in only:
+                continue
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            if name.endswith(".bias"):
+                nn.init.zeros_(param)
             if param.dim() < 2:
                 continue
             if name.endswith(("wo.weight", "w2.weight")):

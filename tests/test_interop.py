@@ -57,7 +57,7 @@ def test_an_activation_other_than_silu_is_refused():
 
     hf = hf_llama(tied=False)
     hf.config.hidden_act = "gelu"
-    with pytest.raises(UserError, match="hidden_act 'gelu' are not supported"):
+    with pytest.raises(UserError, match="hidden_act 'gelu' is not supported"):
         from_hf_llama(hf)
 
 
