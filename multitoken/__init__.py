@@ -20,4 +20,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'multitoken' has no attribute {name!r}")
 
 
-__all__ = ["ModelConfig", "MultiTokenLM", "from_hf", "from_hf_llama", "generate", "load_checkpoint", "preset_config", "to_hf"]
+__all__ = [
+    "ModelConfig",
+    "MultiTokenLM",
+    "from_hf",
+    "from_hf_llama",
+    "generate",
+    "load_checkpoint",
+    "preset_config",
+    "to_hf",
+]
