@@ -301,12 +301,15 @@ def commands() -> list[Command]:
     from multitoken.evals.cli import eval_commands
     from multitoken.experiments.cli import experiment_commands
     from multitoken.generate_cli import generate_cli
+    from multitoken.interop_cli import export_cli, import_cli
     from multitoken.lab.cli import lab_commands
     from multitoken.lab.scaling import scaling_fit
     from multitoken.lab.scaling_run import scaling_run_cli
     from multitoken.serve.server import serve_cli
 
     found.append(Command(("generate",), generate_cli, aliases=(("--no-speculative", "speculative", "off"),)))
+    found.append(Command(("import",), import_cli, positional=("src",)))
+    found.append(Command(("export",), export_cli))
     for path, fn in (*eval_commands(), *experiment_commands(), *lab_commands()):
         found.append(Command(path, fn))
     found.append(Command(("lab", "scaling", "fit"), scaling_fit, positional=("csv",)))

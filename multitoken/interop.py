@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -298,15 +298,3 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype not in known:
         raise UserError(f"dtype must be one of {', '.join(known)}, got {dtype!r}")
     return known[dtype]
-
-
-def hf_generation_eos(path: Path) -> list[int]:
-    """EOS ids of a `transformers` directory's generation_config.json (or config.json); [] if none."""
-    for name in ("generation_config.json", "config.json"):
-        try:
-            eos: Any = json.loads((path / name).read_text()).get("eos_token_id")
-        except (OSError, ValueError):
-            continue
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
-    return []

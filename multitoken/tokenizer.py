@@ -25,6 +25,8 @@ PAD = "<|pad|>"
 SPECIALS = (EOS, PAD)
 
 HF_FILE = "tokenizer.json"
+GENERATION_CONFIG = "generation_config.json"
+"""A transformers model's generation config; a checkpoint imported from one carries it for its EOS ids."""
 TIKTOKEN_FILE = "tokenizer.tiktoken"
 TIKTOKEN_CONFIG = "tokenizer_config.json"
 
@@ -63,11 +65,12 @@ class Tokenizer:
     pad_id: int | None
     """Id of `<|pad|>`, or None when the tokenizer has none."""
 
-    def __init__(self, hf: tokenizers.Tokenizer, kind: str | None = None):
+    def __init__(self, hf: tokenizers.Tokenizer, kind: str | None = None, eos_id: int | None = None):
         self.hf = hf
         # Special-token strings inside the input are encoded as ordinary text.
         self.hf.encode_special_tokens = True
-        eos_id = hf.token_to_id(EOS)
+        if eos_id is None:
+            eos_id = hf.token_to_id(EOS)
         if eos_id is None:
             raise UserError(f"tokenizer has no {EOS} token")
         self.eos_id = eos_id
@@ -252,7 +255,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         if (path / TIKTOKEN_FILE).is_file():
             return _load_tiktoken_dir(path)
         if (path / HF_FILE).is_file():
-            return _load_hf(path / HF_FILE)
+            return _load_hf(path / HF_FILE, _generation_eos(path / GENERATION_CONFIG))
         raise UserError(f"tokenizer directory {path} holds neither {HF_FILE} nor {TIKTOKEN_FILE}")
     if not path.is_file():
         raise UserError(f"tokenizer {path} is missing")
@@ -261,13 +264,26 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return _load_hf(path)
 
 
-def _load_hf(path: Path) -> Tokenizer:
+def _generation_eos(path: Path) -> int | None:
+    """The (first) eos_token_id of a transformers generation_config.json, or None without one."""
+    if not path.is_file():
+        return None
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"generation config {path} is not valid JSON") from None
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return eos if isinstance(eos, int) else None
+
+
+def _load_hf(path: Path, eos_id: int | None = None) -> Tokenizer:
     try:
         hf = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"tokenizer {path} is not a valid tokenizer.json: {first_line}") from None
-    return Tokenizer(hf)
+    return Tokenizer(hf, eos_id=eos_id)
 
 
 def _load_tiktoken_dir(directory: Path) -> TiktokenTokenizer:
