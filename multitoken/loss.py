@@ -121,7 +121,12 @@ def multi_token_backward(
         loss_sum = _head_backward(model, z_BTD, targets_BTN[..., i], scale, chunk_size)
         losses.append(loss_sum.item() / max(int(counts_N[i]), 1))
 
-    pairs = [(r, d.grad) for r, d in zip(roots, detached_roots, strict=True) if d.grad is not None]
+    # A frozen trunk (training heads only) built no graph: its roots need no backward.
+    pairs = [
+        (r, d.grad)
+        for r, d in zip(roots, detached_roots, strict=True)
+        if d.grad is not None and r.requires_grad
+    ]
     if pairs:
         torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
     return losses

@@ -15,7 +15,7 @@ import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -102,6 +102,11 @@ class TrainConfig:
     """Also log to TensorBoard under out/tb."""
     progress: bool = True
     """Show a progress bar."""
+    init_from: str | None = None
+    """Start from this checkpoint's weights and model shape (e.g. one `multitoken import` wrote); model flags are refused."""
+    train: Literal["all", "heads"] = "all"
+    """all: train every parameter; heads: freeze the next-token path (embeddings, trunk, first head, norm,
+    unembedding) and train only the extra heads, so the next-token logits stay exactly the base's."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -131,6 +136,10 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.train not in ("all", "heads"):
+            raise UserError(f"train must be all or heads, got {self.train!r}")
+        if self.fsdp and (self.init_from is not None or self.train != "all"):
+            raise UserError("--init-from and --train heads do not run under --fsdp yet")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not isinstance(self.model, dict):
@@ -147,9 +156,23 @@ class TrainConfig:
             )
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        """The model this run trains, for a dataset of `vocab_size` tokens."""
-        overrides = {**self.model, "vocab_size": vocab_size}
-        config = preset_config(self.preset, **overrides)
+        """The model this run trains, for a dataset of `vocab_size` tokens: the --init-from checkpoint's,
+        or the preset's with the model overrides."""
+        if self.init_from is not None:
+            config = ModelConfig.load(ckpt_io.resolve_checkpoint(self.init_from) / ckpt_io.CONFIG)
+            if self.model:
+                raise UserError(
+                    f"--init-from takes the model from {self.init_from}; drop {', '.join(sorted(self.model))}"
+                )
+            if vocab_size > config.vocab_size:
+                raise UserError(
+                    f"the data's tokenizer has {vocab_size} ids, more than the model's {config.vocab_size}: "
+                    f"prepare the data with the tokenizer of {self.init_from}"
+                )
+        else:
+            config = preset_config(self.preset, **{**self.model, "vocab_size": vocab_size})
+        if self.train == "heads" and config.n_future < 2:
+            raise UserError("--train heads needs a model with extra heads (n_future >= 2); this one has 1")
         if self.seq_len > config.max_seq_len:
             raise UserError(
                 f"seq_len={self.seq_len} is longer than the model's context, max_seq_len={config.max_seq_len} "
@@ -199,8 +222,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: MultiTokenLM, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "tok_embeddings" in n]
+    """AdamW over the trainable parameters, with weight decay on matrices other than the embedding."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2 and "tok_embeddings" not in n]
+    no_decay = [p for n, p in trainable if p.dim() < 2 or "tok_embeddings" in n]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
@@ -210,6 +235,12 @@ def _compile_blocks(model: MultiTokenLM) -> None:
     for module in model.modules():
         if isinstance(module, Block):
             module.compile()
+
+
+def freeze_next_token_path(model: MultiTokenLM) -> None:
+    """Stop gradients to every parameter the next-token logits depend on; only extra heads stay trainable."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("heads.") and not name.startswith("heads.0."))
 
 
 class NonFiniteLoss(UserError):
@@ -234,6 +265,8 @@ class Trainer:
         self.val_data = TokenDataset(cfg.data, "val")
         self.tokenizer = self.train_data.tokenizer()
         self.model_config = cfg.model_config(self.train_data.vocab_size)
+        if cfg.init_from is not None:
+            self._check_init_tokenizer(ckpt_io.resolve_checkpoint(cfg.init_from))
         for split, data in (("training", self.train_data), ("validation", self.val_data)):
             if cfg.seq_len > data.n_tokens - 1:
                 raise UserError(f"{split} data has {data.n_tokens} tokens, too few for seq_len={cfg.seq_len}")
@@ -259,12 +292,28 @@ class Trainer:
             )
         else:
             self.model = MultiTokenLM(self.model_config).to(self.device)
+            if cfg.init_from is not None:
+                ckpt_io.load_weights(self.model, ckpt_io.resolve_checkpoint(cfg.init_from))
+            if cfg.train == "heads":
+                freeze_next_token_path(self.model)
             if cfg.compile:
                 _compile_blocks(self.model)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self._prepare_run_dir()
 
     # ---- setup ----------------------------------------------------------------------------------
+
+    def _check_init_tokenizer(self, ckpt: Path) -> None:
+        """Refuse data tokenized otherwise than the --init-from checkpoint's text."""
+        from multitoken.tokenizer import load_tokenizer
+
+        if not any((ckpt / name).is_file() for name in ("tokenizer.json", "tokenizer.tiktoken")):
+            return  # a checkpoint without a tokenizer: the vocabulary size was checked
+        if self.tokenizer is not None and load_tokenizer(ckpt).fingerprint() != self.tokenizer.fingerprint():
+            raise UserError(
+                f"the data in {self.cfg.data} was tokenized with another tokenizer than {self.cfg.init_from}'s; "
+                f"prepare it with --tokenizer {self.cfg.init_from}"
+            )
 
     def _split_batch(self) -> tuple[int, int]:
         world = self.dist.world_size
