@@ -95,10 +95,13 @@ class Tokenizer:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write `directory/tokenizer.json`."""
+        """Write `directory/tokenizer.json`, and a generation config naming the EOS id when that is not
+        the `<|endoftext|>` token (an imported model's tokenizer)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / HF_FILE))
+        if self.hf.token_to_id(EOS) != self.eos_id:
+            (directory / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": self.eos_id}) + "\n")
 
     def fingerprint(self) -> str:
         """A sha256 that changes whenever the tokenizer's behaviour may change."""
@@ -249,8 +252,14 @@ def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer from a directory written by `save`, a `tokenizer.json`, or a `.tiktoken` file."""
+    """Load a tokenizer from a directory written by `save` (a checkpoint, or a run directory: its newest
+    checkpoint's), a `tokenizer.json`, or a `.tiktoken` file."""
     path = Path(path)
+    has_files = any((path / name).is_file() for name in (TIKTOKEN_FILE, HF_FILE))
+    if path.is_dir() and not has_files and (path / "checkpoints").is_dir():
+        from multitoken.checkpoint import resolve_checkpoint  # a run directory: its newest checkpoint's
+
+        path = resolve_checkpoint(path)
     if path.is_dir():
         if (path / TIKTOKEN_FILE).is_file():
             return _load_tiktoken_dir(path)

@@ -8,6 +8,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from multitoken.checkpoint import load_checkpoint
 from multitoken.cli import main
+from multitoken.data.loader import TokenDataset
+
+from helpers import make_corpus
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b\n"] * 20
 EOS = 3  # `</s>`, named only by the generation config: the tokenizer has no <|endoftext|>
@@ -73,6 +76,15 @@ def test_imported_directory_generates_what_transformers_generates(tmp_path, caps
     assert main(["generate", "--checkpoint", str(out), "--prompt", prompt, "--max-new-tokens", "12"]) == 0
     expected = tok.decode(greedy(hf, ids, 12)[len(ids) :], skip_special_tokens=False)
     assert expected.strip() and expected in capsys.readouterr().out
+
+    # A corpus prepared with the run's tokenizer keeps its EOS id, so heads can be trained on it.
+    corpus = make_corpus(tmp_path / "corpus", 4)
+    assert (
+        main(["prepare", "--source", str(corpus), "--tokenizer", str(out), "--out", str(tmp_path / "data")])
+        == 0
+    )
+    data_tokenizer = TokenDataset(tmp_path / "data", "train").tokenizer()
+    assert data_tokenizer.eos_id == EOS and data_tokenizer.fingerprint() == tokenizer.fingerprint()
 
 
 def test_exported_directory_loads_in_transformers_with_the_same_logits(tmp_path):
