@@ -116,16 +116,21 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x_BTD: Tensor, rope: RopeContext) -> Tensor:
+    def queries_keys(self, x_BTD: Tensor, rope: RopeContext) -> tuple[Tensor, Tensor]:
+        """Rotated queries and keys: RoPE(norm(x Wq + bq)), RoPE(norm(x Wk + bk)), norm only with qk_norm."""
         B, T, _ = x_BTD.shape
         q_BTHE = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k_BTKE = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
-        q_BHTE, k_BKTE = q_BTHE.transpose(1, 2), k_BTKE.transpose(1, 2)
+        q_BHTE = apply_rope(q_BTHE.transpose(1, 2), rope.cos_BTE, rope.sin_BTE)
+        k_BKTE = apply_rope(k_BTKE.transpose(1, 2), rope.cos_BTE, rope.sin_BTE)
+        return q_BHTE, k_BKTE
+
+    def forward(self, x_BTD: Tensor, rope: RopeContext) -> Tensor:
+        B, T, _ = x_BTD.shape
+        q_BHTE, k_BKTE = self.queries_keys(x_BTD, rope)
         v_BKTE = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHTE = apply_rope(q_BHTE, rope.cos_BTE, rope.sin_BTE)
-        k_BKTE = apply_rope(k_BKTE, rope.cos_BTE, rope.sin_BTE)
         if rope.input_pos_BT is not None and self.kv_cache is not None:
             k_BKTE, v_BKTE = self.kv_cache.update(rope.input_pos_BT, k_BKTE, v_BKTE, rope.first_row)
         # CUDA's fused kernels take either a mask or grouped KV heads, not both (then SDPA falls back to

@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from multitoken.lab import lab_runs as lr
-from multitoken.model import Attention, apply_rope
+from multitoken.model import Attention
 from multitoken.report import Report
 
 QUESTION = (
@@ -77,11 +77,8 @@ def attention_sites(model) -> list[AttentionSite]:
 
 def attention_probs(module: Attention, x_BTD: Tensor, rope) -> Tensor:
     """softmax(Q K^T / sqrt(E)) with RoPE and the causal mask, from the module's weights: (B, H, T, T)."""
-    B, T, _ = x_BTD.shape
-    q_BHTE = module.wq(x_BTD).view(B, T, module.n_heads, module.head_dim).transpose(1, 2)
-    k_BKTE = module.wk(x_BTD).view(B, T, module.n_kv_heads, module.head_dim).transpose(1, 2)
-    q_BHTE = apply_rope(q_BHTE, rope.cos_BTE, rope.sin_BTE).float()
-    k_BKTE = apply_rope(k_BKTE, rope.cos_BTE, rope.sin_BTE).float()
+    T = x_BTD.shape[1]
+    q_BHTE, k_BKTE = (t.float() for t in module.queries_keys(x_BTD, rope))
     k_BHTE = k_BKTE.repeat_interleave(module.n_heads // module.n_kv_heads, dim=1)
     scores_BHTS = q_BHTE @ k_BHTE.transpose(-1, -2) / math.sqrt(module.head_dim)
     causal_TS = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()
