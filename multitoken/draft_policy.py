@@ -16,8 +16,12 @@ statistics, decayed so that a change of text is followed within tens of steps:
 decoding wins, the policy still probes now and then with the cheapest drafting plan, a chain of one
 draft, at intervals that double while probing finds nothing (FIRST_PROBE_INTERVAL up to
 MAX_PROBE_INTERVAL steps, times the probe's cost relative to a plain step), so drafting resumes when
-drafts become useful; deeper heads are tried once the first one earns its keep. Once a plan has a few
-timed steps, their measured cost replaces the calibrated one. Every plan is lossless, so the choice
+drafts become useful; deeper heads are tried once the first one earns its keep. A probe goes on
+while its drafts are accepted (those steps pay for themselves), so one lucky guess is not all the
+evidence a predictable stretch of text gets; new text (`new_text`) is probed at its first step.
+A step ages only the statistics of the heads it used: a chain of one draft says nothing of the
+deeper heads, whose rates would otherwise sink back to the prior and never be tried again. Once a
+plan has a few timed steps, their measured cost replaces the calibrated one. Every plan is lossless, so the choice
 changes speed only, never the output.
 """
 
@@ -71,9 +75,13 @@ class AcceptanceStats:
         self.chain_reached, self.chain_accepted = [0.0] * J, [0.0] * J
         self.rank_reached, self.rank_hits = [0.0] * J, [[0.0] * RANKS_TRACKED for _ in range(J)]
 
-    def decay(self) -> None:
-        for values in (self.chain_reached, self.chain_accepted, self.rank_reached, *self.rank_hits):
-            values[:] = [v * DECAY for v in values]
+    def decay(self, depths: int) -> None:
+        """Age the counts of the first `depths` depths, those a step just gave new evidence on; the
+        deeper heads' counts wait, unaged, for a plan that uses them."""
+        for values in (self.chain_reached, self.chain_accepted, self.rank_reached):
+            values[:depths] = [v * DECAY for v in values[:depths]]
+        for hits in self.rank_hits[:depths]:
+            hits[:] = [h * DECAY for h in hits]
 
     def add(self, record: StepRecord) -> None:
         if record.plan.tree is None:
@@ -150,6 +158,8 @@ class DraftPolicy:
         self.probe_interval = FIRST_PROBE_INTERVAL
         self.steps_since_drafting = 0
         self.probing = False
+        self.probe_accepted = False
+        """The last probe's drafts were accepted (for most rows): probe again at the next step."""
         self.plan_counts: Counter[str] = Counter()
         self.observed: dict[tuple[str, int], deque[float]] = {}
         """Recent measured step times by (plan, batch size)."""
@@ -209,7 +219,8 @@ class DraftPolicy:
         self.probing = False
         if best.n_heads == 0 and self.n_heads:
             self.steps_since_drafting += 1
-            if self.steps_since_drafting >= self.probe_interval * self._probe_cost(batch_size):
+            due = self.steps_since_drafting >= self.probe_interval * self._probe_cost(batch_size)
+            if due or self.probe_accepted:
                 best, self.probing = self.chains[1], True
                 self.steps_since_drafting = 0
         else:
@@ -244,8 +255,10 @@ class DraftPolicy:
         return statistics.median(seen) / statistics.median(seen_plain) * plain if plain else calibrated
 
     def new_text(self) -> None:
-        """New prompts may be more predictable: probe on the first schedule again, keeping the statistics."""
+        """New prompts may be more predictable: probe at once, then on the first schedule again, keeping
+        the statistics."""
         self.probe_interval, self.steps_since_drafting = FIRST_PROBE_INTERVAL, 0
+        self.probe_accepted = True
 
     def _probe_cost(self, batch_size: int) -> float:
         """A probe's cost relative to a plain step: probes of costly heads come less often."""
@@ -268,15 +281,18 @@ class DraftPolicy:
             if self._timed_steps % COST_REFRESH_STEPS == 0:  # costs are re-read now and then
                 self._seconds_cache.clear()
                 self._best_cache = None
+        self.probe_accepted = False
         if not record.reached_J:
             return
-        self.stats.decay()
+        self.stats.decay(len(record.reached_J))
         self.stats.add(record)
         self._best_cache = None
         self._trees_stale = self.trees
         if self.probing and self._best(batch_size).n_heads == 0:
-            # Probing found nothing worth drafting: wait twice as long before the next probe.
-            self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
+            self.probe_accepted = 2 * record.accepted_J[0] > record.reached_J[0]
+            if not self.probe_accepted:
+                # Probing found nothing worth drafting: wait twice as long before the next probe.
+                self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
 
 
 __all__ = [

@@ -19,23 +19,34 @@ from conftest import tiny_model
 COSTS = {1: {"plain": 1.0, "chain1": 1.1, "chain2": 1.2, "chain3": 1.3}}
 
 
-def stub_policy(n_heads=3, trees=False):
-    table = {b: dict(row) for b, row in COSTS.items()}
+# A CPU at batch 1: a draft costs 30-40% of a step, so one accepted probe is not enough evidence.
+CPU_COSTS = {1: {"plain": 1.0, "chain1": 1.35, "chain2": 1.6, "chain3": 1.75}}
+
+
+def stub_policy(n_heads=3, trees=False, costs=COSTS):
+    table = {b: dict(row) for b, row in costs.items()}
     return DraftPolicy(n_heads, StepCosts(table), trees=trees, device="cpu", vocab_size=100)
 
 
-def plan_sequence(policy, model, prompt, n_new):
-    """The plan of every step of one generate() call, by wrapping the policy's choice."""
+def plan_sequence(policy, model, prompt, n_new, accepted=None):
+    """The plan of every step of one generate() call, by wrapping the policy's choice (and, into
+    `accepted`, the drafts each step accepted)."""
     seen = []
-    choose = policy.choose
+    choose, observe = policy.choose, policy.observe
 
     def recording(batch_size):
         plan = choose(batch_size)
         seen.append(plan.name)
         return plan
 
-    policy.choose = recording
+    def observing(record, batch_size, seconds=None):
+        if accepted is not None:
+            accepted.append(record.n_accepted[0])
+        observe(record, batch_size, seconds)
+
+    policy.choose, policy.observe = recording, observing
     out = generate(model, [prompt], n_new, policy=policy, seed=0)  # a seed: plans ignore timings
+    policy.choose, policy.observe = choose, observe
     return out, seen
 
 
@@ -172,3 +183,48 @@ def test_unseeded_calls_share_what_the_policy_learned():
     later = generate(stub, [prompt], 60, policy=policy)
     assert first.tokens == later.tokens
     assert later.stats.plans.get("plain", 0) > first.stats.plans.get("plain", 0)
+
+
+def chain1_record(accepted: bool) -> StepRecord:
+    return StepRecord(DraftPlan.chain(1), [[0]], [int(accepted)], reached_J=[1], accepted_J=[int(accepted)])
+
+
+def test_a_probe_goes_on_while_its_drafts_are_accepted():
+    """One accepted probe is too little evidence to draft, but enough to probe again at the next step."""
+    policy = stub_policy(costs=CPU_COSTS)
+    for _ in range(20):  # a long stretch of rejected drafts
+        policy.observe(chain1_record(False), 1)
+    plans = [policy.choose(1).name for _ in range(60)]
+    assert plans.count("chain1") == 1 and plans[-1] == "plain"  # one probe on schedule
+    policy.probing = True  # the next probe, accepted
+    policy.observe(chain1_record(True), 1)
+    assert policy.values(1)["plain"][0] > policy.values(1)["chain1"][0]  # plain still looks best
+    for _ in range(3):  # yet it probes again while the probes are accepted
+        assert policy.choose(1).name == "chain1"
+        policy.observe(chain1_record(True), 1)
+    assert policy.values(1)["chain1"][0] > policy.values(1)["plain"][0]  # by now drafting pays
+    assert policy.choose(1).name == "chain1"
+
+
+def test_new_text_is_probed_at_its_first_step():
+    stub = make_stub(1, 4, lambda b, i, t: False, S=260)
+    policy = stub_policy()
+    _, plans = plan_sequence(policy, stub, stub.seq_BS[0, :3].tolist(), 100)
+    assert plans[-20:] == ["plain"] * 20  # settled on plain decoding
+    policy.new_text()
+    _, plans = plan_sequence(policy, stub, stub.seq_BS[0, :3].tolist(), 30)
+    assert plans[0] == "chain1" and plans[1:] == ["plain"] * (len(plans) - 1)  # rejected: no streak
+
+
+def test_a_step_ages_only_the_heads_it_used():
+    """Deep heads seen right keep their record through a stretch of one-draft chains."""
+    policy = stub_policy()
+    deep = StepRecord(DraftPlan.chain(3), [[0] * 4], [3], reached_J=[1, 1, 1], accepted_J=[1, 1, 1])
+    for _ in range(10):
+        policy.observe(deep, 1)
+    before = policy.stats.chain_rates()
+    for _ in range(30):
+        policy.observe(chain1_record(True), 1)
+    after = policy.stats.chain_rates()
+    assert after[1:] == before[1:] and after[1] > 0.8
+    assert policy.choose(1).name == "chain3"
