@@ -23,7 +23,7 @@ from common import sync
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from multitoken.config import preset_config
-from multitoken.data.prompts import val_code_prompts
+from multitoken.data.prompts import code_prompts
 from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
 from multitoken.draft_tree import DraftTree, measure_rank_accuracy, sparse_tree
 from multitoken.generate import cache_length, generate
@@ -120,7 +120,7 @@ def read_prompt_texts(args) -> list[str]:
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
             return [line for line in f.read().splitlines() if line.strip()]
-    return val_code_prompts(args.code_prompts_from, max(int(b) for b in args.batch_sizes.split(",")))
+    return code_prompts(args.code_prompts_from, max(int(b) for b in args.batch_sizes.split(",")))
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

@@ -298,6 +298,7 @@ def commands() -> list[Command]:
         Command(("prepare",), prepare, PrepareConfig),
         Command(("train",), train, TrainConfig, (ModelConfig,), "model", resolve_cli_config),
     ]
+    from multitoken.distill_data import DistillDataConfig, distill_data
     from multitoken.evals.cli import eval_commands
     from multitoken.experiments.cli import experiment_commands
     from multitoken.generate_cli import generate_cli
@@ -310,6 +311,7 @@ def commands() -> list[Command]:
     found.append(Command(("generate",), generate_cli, aliases=(("--no-speculative", "speculative", "off"),)))
     found.append(Command(("import",), import_cli, positional=("src",)))
     found.append(Command(("export",), export_cli))
+    found.append(Command(("distill-data",), distill_data, DistillDataConfig))
     for path, fn in (*eval_commands(), *experiment_commands(), *lab_commands()):
         found.append(Command(path, fn))
     found.append(Command(("lab", "scaling", "fit"), scaling_fit, positional=("csv",)))

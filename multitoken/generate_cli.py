@@ -50,20 +50,12 @@ def _read_prompts(prompt: str | None, prompt_file: str | None, prompts_from_data
     if prompt is not None:
         return [prompt]
     if prompts_from_data is not None:
-        from multitoken.data.prompts import val_code_prompts
+        from multitoken.data.prompts import code_prompts
 
-        return val_code_prompts(prompts_from_data, n)
-    path = Path(prompt_file)
-    if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"prompt file {path} is not UTF-8 text") from None
-    prompts = [line for line in lines if line.strip()]
-    if not prompts:
-        raise UserError(f"prompt file {path} has no non-blank lines")
-    return prompts
+        return code_prompts(prompts_from_data, n)
+    from multitoken.data.prompts import file_prompts
+
+    return file_prompts(prompt_file)
 
 
 def generate_cli(
@@ -99,7 +91,8 @@ def generate_cli(
     Args:
         checkpoint: checkpoint or run directory.
         prompt: the text to continue; end it on a word or punctuation, not on a space.
-        prompt_file: a text file with one prompt per line (blank lines are skipped).
+        prompt_file: a text file with one prompt per line (blank lines are skipped), or a .jsonl file of
+            {"prompt": ...} objects.
         prompts_from_data: a prepared dataset directory: use the function headers of its val split
             as prompts (reproducible code prompts).
         n_prompts: how many prompts --prompts-from-data takes.
