@@ -18,16 +18,19 @@ draft, at intervals that double while probing finds nothing (FIRST_PROBE_INTERVA
 MAX_PROBE_INTERVAL steps, times the probe's cost relative to a plain step), so drafting resumes when
 drafts become useful; deeper heads are tried once the first one earns its keep. A probe goes on
 while its drafts are accepted (those steps pay for themselves), so one lucky guess is not all the
-evidence a predictable stretch of text gets; new text (`new_text`) is probed at its first step.
-A step ages only the statistics of the heads it used: a chain of one draft says nothing of the
-deeper heads, whose rates would otherwise sink back to the prior and never be tried again. Once a
-plan has a few timed steps, their measured cost replaces the calibrated one. Every plan is lossless, so the choice
-changes speed only, never the output.
+evidence a predictable stretch of text gets. New text (`new_text`) is probed at its first step, and
+the statistics gathered on earlier texts then weigh less (NEW_TEXT_WEIGHT): predictability varies
+more between texts than within one. A step ages only the statistics of the heads it used, and once
+drafting pays, the choice among drafting plans is optimistic about the deeper heads in proportion
+to how little they have been seen (EXPLORE), so they get tried rather than sit at the prior. Once
+a plan has a few timed steps, their measured cost replaces the calibrated one. Every plan is
+lossless, so the choice changes speed only, never the output.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -42,6 +45,11 @@ DECAY = 0.9
 PRIOR_RATE = 0.35
 """Acceptance assumed before anything is observed (worth PRIOR_WEIGHT rows, always)."""
 PRIOR_WEIGHT = 2.0
+EXPLORE = 0.5
+"""Optimism of the deeper heads' rates, per 1 / sqrt(rows seen) (see `AcceptanceStats.chain_rates`)."""
+NEW_TEXT_WEIGHT = 0.3
+"""Weight the statistics keep when new text starts: how predictable text is varies more between texts
+than within one."""
 FIRST_PROBE_INTERVAL = 32
 MAX_PROBE_INTERVAL = 256
 TREE_SIZES = (4, 8, 16)
@@ -75,6 +83,11 @@ class AcceptanceStats:
         self.chain_reached, self.chain_accepted = [0.0] * J, [0.0] * J
         self.rank_reached, self.rank_hits = [0.0] * J, [[0.0] * RANKS_TRACKED for _ in range(J)]
 
+    def scale(self, factor: float) -> None:
+        """Multiply every count by `factor`: the rates stay, the weight of their evidence shrinks."""
+        for values in (self.chain_reached, self.chain_accepted, self.rank_reached, *self.rank_hits):
+            values[:] = [v * factor for v in values]
+
     def decay(self, depths: int) -> None:
         """Age the counts of the first `depths` depths, those a step just gave new evidence on; the
         deeper heads' counts wait, unaged, for a plan that uses them."""
@@ -93,15 +106,24 @@ class AcceptanceStats:
             for r, h in enumerate(hits):
                 self.rank_hits[d][r] += h
 
-    def chain_rates(self) -> list[float]:
-        """a_d: acceptance of the chain draft at depth d given the drafts before it were accepted."""
+    def chain_rates(self, explore: float = 0.0) -> list[float]:
+        """a_d: acceptance of the chain draft at depth d given the drafts before it were accepted.
+
+        With `explore` > 0, the rates of the deeper heads (d >= 2) are optimistic, raised by
+        explore / sqrt(rows seen + PRIOR_WEIGHT) (an upper confidence bound), so that a head with
+        little evidence gets tried; the first head's rate, which decides between drafting and plain
+        decoding, stays as observed.
+        """
         rates = []
         for d in range(self.n_heads):
             if self.rank_reached[d] > self.chain_reached[d]:  # rank-0 hits measure the same thing
                 hits, reached = self.rank_hits[d][0], self.rank_reached[d]
             else:
                 hits, reached = self.chain_accepted[d], self.chain_reached[d]
-            rates.append((hits + PRIOR_WEIGHT * PRIOR_RATE) / (reached + PRIOR_WEIGHT))
+            rate = (hits + PRIOR_WEIGHT * PRIOR_RATE) / (reached + PRIOR_WEIGHT)
+            if d > 0:
+                rate = min(1.0, rate + explore / math.sqrt(reached + PRIOR_WEIGHT))
+            rates.append(rate)
         return rates
 
     def rank_rates(self) -> list[list[float]]:
@@ -186,9 +208,10 @@ class DraftPolicy:
                 self._tree_cache[key] = DraftPlan.of_tree(tree.tensors(self.device), f"tree{size}")
             self.tree_plans.append((tree, self._tree_cache[key]))
 
-    def values(self, batch_size: int) -> dict[str, tuple[float, DraftPlan]]:
-        """Expected tokens per second of each plan whose cost is known."""
-        rates = self.stats.chain_rates()
+    def values(self, batch_size: int, explore: float = 0.0) -> dict[str, tuple[float, DraftPlan]]:
+        """Expected tokens per second of each plan whose cost is known (chains with the deeper heads'
+        rates raised by `explore`, see `AcceptanceStats.chain_rates`)."""
+        rates = self.stats.chain_rates(explore)
         out = {}
         for plan in self.chains:
             seconds = self.step_seconds(plan.name, batch_size)
@@ -207,6 +230,9 @@ class DraftPolicy:
         if self._best_cache is None or self._best_cache[0] != batch_size:
             values = self.values(batch_size)
             best = max(values.values(), key=lambda v: v[0])[1] if values else self.chains[-1]
+            if best.n_heads:  # drafting pays as observed; which plan, optimism about deep heads decides
+                drafting = [v for v in self.values(batch_size, EXPLORE).values() if v[1].n_heads]
+                best = max(drafting, key=lambda v: v[0])[1]
             self._best_cache = (batch_size, best)
         return self._best_cache[1]
 
@@ -259,6 +285,7 @@ class DraftPolicy:
         the statistics."""
         self.probe_interval, self.steps_since_drafting = FIRST_PROBE_INTERVAL, 0
         self.probe_accepted = True
+        self.stats.scale(NEW_TEXT_WEIGHT)
 
     def _probe_cost(self, batch_size: int) -> float:
         """A probe's cost relative to a plain step: probes of costly heads come less often."""

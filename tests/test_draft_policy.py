@@ -203,12 +203,12 @@ def test_a_probe_goes_on_while_its_drafts_are_accepted():
         assert policy.choose(1).name == "chain1"
         policy.observe(chain1_record(True), 1)
     assert policy.values(1)["chain1"][0] > policy.values(1)["plain"][0]  # by now drafting pays
-    assert policy.choose(1).name == "chain1"
+    assert policy.choose(1).name != "plain"
 
 
 def test_new_text_is_probed_at_its_first_step():
     stub = make_stub(1, 4, lambda b, i, t: False, S=260)
-    policy = stub_policy()
+    policy = stub_policy(costs=CPU_COSTS)
     _, plans = plan_sequence(policy, stub, stub.seq_BS[0, :3].tolist(), 100)
     assert plans[-20:] == ["plain"] * 20  # settled on plain decoding
     policy.new_text()
@@ -228,3 +228,25 @@ def test_a_step_ages_only_the_heads_it_used():
     after = policy.stats.chain_rates()
     assert after[1:] == before[1:] and after[1] > 0.8
     assert policy.choose(1).name == "chain3"
+
+
+def test_deep_heads_without_evidence_get_tried():
+    """The first head right every time, the others never tried: the policy tries the deepest chain."""
+    policy = stub_policy(costs=CPU_COSTS)
+    for _ in range(20):
+        policy.observe(chain1_record(True), 1)
+    observed = policy.values(1)  # deeper heads at the prior rate: one draft looks best
+    assert max(observed, key=lambda name: observed[name][0]) == "chain1"
+    assert policy.choose(1).name == "chain3"  # optimism about heads never seen
+
+
+def test_new_text_weighs_the_old_texts_statistics_less():
+    """After a long stretch of rejected drafts, two accepted probes on new text are enough to draft."""
+    policy = stub_policy(costs=CPU_COSTS)
+    for _ in range(40):
+        policy.observe(chain1_record(False), 1)
+    policy.new_text()
+    for _ in range(2):
+        assert policy.choose(1).name == "chain1"  # the new-text probe, then the streak
+        policy.observe(chain1_record(True), 1)
+    assert policy.values(1)["chain1"][0] > policy.values(1)["plain"][0]
