@@ -17,8 +17,8 @@ decoding wins, the policy still probes now and then with the cheapest drafting p
 draft, at intervals that double while probing finds nothing (FIRST_PROBE_INTERVAL up to
 MAX_PROBE_INTERVAL steps, times the probe's cost relative to a plain step), so drafting resumes when
 drafts become useful; deeper heads are tried once the first one earns its keep. A probe goes on
-while its drafts are accepted (those steps pay for themselves), so one lucky guess is not all the
-evidence a predictable stretch of text gets. New text (`new_text`) is probed at its first step, and
+while it pays for itself (its drafts accepted, and a draft costing less than a plain step), so
+one lucky guess is not all the evidence a predictable stretch of text gets. New text (`new_text`) is probed at its first step, and
 the statistics gathered on earlier texts then weigh less (NEW_TEXT_WEIGHT): predictability varies
 more between texts than within one. A step ages only the statistics of the heads it used, and once
 drafting pays, the choice among drafting plans is optimistic about the deeper heads in proportion
@@ -181,7 +181,7 @@ class DraftPolicy:
         self.steps_since_drafting = 0
         self.probing = False
         self.probe_accepted = False
-        """The last probe's drafts were accepted (for most rows): probe again at the next step."""
+        """The last probe paid for itself (accepted tokens per row over its cost): probe again next step."""
         self.plan_counts: Counter[str] = Counter()
         self.observed: dict[tuple[str, int], deque[float]] = {}
         """Recent measured step times by (plan, batch size)."""
@@ -316,7 +316,9 @@ class DraftPolicy:
         self._best_cache = None
         self._trees_stale = self.trees
         if self.probing and self._best(batch_size).n_heads == 0:
-            self.probe_accepted = 2 * record.accepted_J[0] > record.reached_J[0]
+            # Probe again only if this probe paid for itself: its tokens per row against its cost.
+            gained = 1 + record.accepted_J[0] / max(record.reached_J[0], 1)
+            self.probe_accepted = gained > self._probe_cost(batch_size)
             if not self.probe_accepted:
                 # Probing found nothing worth drafting: wait twice as long before the next probe.
                 self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)

@@ -250,3 +250,15 @@ def test_new_text_weighs_the_old_texts_statistics_less():
         assert policy.choose(1).name == "chain1"  # the new-text probe, then the streak
         policy.observe(chain1_record(True), 1)
     assert policy.values(1)["chain1"][0] > policy.values(1)["plain"][0]
+
+
+def test_a_probe_that_costs_more_than_it_gains_does_not_go_on():
+    """Drafts always accepted, but a one-draft step costs 2.5 plain steps: no streak of probes."""
+    policy = stub_policy(costs={1: {"plain": 1.0, "chain1": 2.5, "chain2": 3.0, "chain3": 3.5}})
+    for _ in range(20):
+        policy.observe(chain1_record(True), 1)
+    assert policy.choose(1).name == "plain"  # accepted, yet not worth it
+    policy.new_text()
+    assert policy.choose(1).name == "chain1"  # the new-text probe
+    policy.observe(chain1_record(True), 1)
+    assert policy.choose(1).name == "plain"
