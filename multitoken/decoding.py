@@ -135,6 +135,7 @@ class DecodeBatch:
         # Real positions stay below cache_len - 1: padding and finished rows write to that spare slot.
         self.scratch = cache_len - 1
         self.generator = generator
+        self.compiled = compile
         self.forward, self.forward_tree = _compiled_steps(self.device.type) if compile else _EAGER_STEPS
         model.setup_caches(capacity, cache_len, extra_slots=extra_slots)
         self.n_rows = 0
@@ -230,6 +231,14 @@ class DecodeBatch:
             greedy = [value.greedy] * self.capacity
         self.row_greedy[: len(greedy)] = greedy
 
+    def key_bound(self, end: int, block: int) -> int | None:
+        """Cache slots that rows 0 .. end - 1 attend to when each feeds `block` positions from its own:
+        max(pos) + block, so attention costs what the text's length does, not the cache's. None for
+        compiled passes, whose shapes stay static."""
+        if self.compiled:
+            return None
+        return min(max(self.pos[:end]) + block, self.cache_len)
+
     def live_sampling(self, rows: slice) -> SamplingParams | RowSampling:
         """The sampling settings of some rows, knowing on the host whether they are all greedy."""
         if not isinstance(self.sampling, RowSampling):
@@ -249,9 +258,9 @@ class DecodeBatch:
 # ---- forward passes (compiled together when asked) -----------------------------------------------------
 
 
-def _verify_forward(model, tokens_BT: Tensor, pos_BT: Tensor, first_row: int = 0):
+def _verify_forward(model, tokens_BT: Tensor, pos_BT: Tensor, first_row: int = 0, n_keys: int | None = None):
     """Trunk and next-token head over a block at per-row cache positions: (h_BTD, logits_BTV)."""
-    rope = model.rope_context(tokens_BT, pos_BT, first_row=first_row)
+    rope = model.rope_context(tokens_BT, pos_BT, first_row=first_row, n_keys=n_keys)
     h_BTD = model.trunk_forward(tokens_BT, rope)
     return h_BTD, model.logits(model.head_forward(0, h_BTD, rope))
 
@@ -326,7 +335,8 @@ def prefill(
     length_B = torch.tensor(lengths, device=dev)
     pos_BT = torch.where(arange_T < length_B.unsqueeze(1), start_B.unsqueeze(1) + arange_T, batch.scratch)
     rows = slice(first_row, first_row + B)
-    h_BTD, logits_BTV = _verify_forward(model, tokens_BT, pos_BT, first_row)
+    n_keys = None if batch.compiled else max(s + n for s, n in zip(starts, lengths, strict=True))
+    h_BTD, logits_BTV = _verify_forward(model, tokens_BT, pos_BT, first_row, n_keys)
     rows_B = torch.arange(B, device=dev)
     _keep_history(batch, rows, h_BTD, tokens_BT, pos_BT, rows_B, length_B - 1)
     batch.pos_B[rows] = start_B + length_B
@@ -340,7 +350,7 @@ def prefill(
     next_B = choose(last_logits_BV, sampling, batch.generator)[0] if final else None
     if batch.prefill_heads and batch.cached_heads and batch.n_heads and (final or not batch.sequential):
         # Fill the cached drafting heads' KV caches over the prompt now, in one batched pass.
-        rope = model.rope_context(tokens_BT, pos_BT, first_row=first_row)
+        rope = model.rope_context(tokens_BT, pos_BT, first_row=first_row, n_keys=n_keys)
         if batch.sequential:
             propose_drafts(
                 model,
@@ -424,7 +434,7 @@ def _draft(batch: DecodeBatch, plan: DraftPlan, n: int, sampling):
         rows_B1 = torch.arange(n, device=batch.device).unsqueeze(1)
         h_BGD = batch.h_hist_BSD[:n][rows_B1, pos_BG]
         tokens_BG = batch.tok_hist_BS[:n][rows_B1, pos_BG] if batch.sequential else pos_BG
-        rope = model.rope_context(tokens_BG, pos_BG)
+        rope = model.rope_context(tokens_BG, pos_BG, n_keys=batch.key_bound(n, 0))
         for b in range(n):
             batch.synced[b][:k] = [batch.pos[b]] * k
         batch.synced_BJ[:n, :k] = batch.pos_B[:n].unsqueeze(1)
@@ -490,7 +500,7 @@ def decode_step(
     else:
         drafts_BJ, q_BJV, draft_logits_BJV = next_B.new_zeros(n, 0), None, None
         block_BT = next_B.unsqueeze(1)
-    h_BTD, logits_BTV = batch.forward(model, block_BT, pos_BT)
+    h_BTD, logits_BTV = batch.forward(model, block_BT, pos_BT, 0, batch.key_bound(n, k + 1))
     if sampling.greedy:
         n_acc_B, bonus_B = accept_greedy(logits_BTV, drafts_BJ, n_drafts_B)
     else:

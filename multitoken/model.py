@@ -133,6 +133,8 @@ class Attention(nn.Module):
         v_BKTE = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope.input_pos_BT is not None and self.kv_cache is not None:
             k_BKTE, v_BKTE = self.kv_cache.update(rope.input_pos_BT, k_BKTE, v_BKTE, rope.first_row)
+            if rope.n_keys is not None:  # the slots past every query are masked anyway: skip them
+                k_BKTE, v_BKTE = k_BKTE[:, :, : rope.n_keys], v_BKTE[:, :, : rope.n_keys]
         # CUDA's fused kernels take either a mask or grouped KV heads, not both (then SDPA falls back to
         # the math kernel, which materialises the scores): with a mask there, expand the KV heads first.
         expand_kv = rope.mask_B1TS is not None and q_BHTE.device.type == "cuda"
@@ -228,11 +230,14 @@ class RopeContext:
         input_pos_BT: Tensor | None,
         mask_B1TS: Tensor | None,
         first_row: int = 0,
+        n_keys: int | None = None,
     ):
         self.cos_BTE, self.sin_BTE = cos_BTE, sin_BTE
         self.input_pos_BT, self.mask_B1TS = input_pos_BT, mask_B1TS
         self.first_row = first_row
         """Cache row of the call's first row: a call may cover any run of consecutive cache rows."""
+        self.n_keys = n_keys
+        """Attend to the first n_keys cache slots only (None: all); no query sees past them."""
 
 
 class MultiTokenLM(nn.Module):
@@ -302,12 +307,15 @@ class MultiTokenLM(nn.Module):
         rope_pos_BT: Tensor | None = None,
         mask_B1TS: Tensor | None = None,
         first_row: int = 0,
+        n_keys: int | None = None,
     ) -> RopeContext:
         """Without input_pos: a plain causal pass from position 0. With it: per-row positions into the cache.
 
         By default a token's cache slot is also its RoPE position and it sees every slot up to its own.
         Tree drafts, whose sibling nodes share a position, give `rope_pos_BT` and `mask_B1TS` instead.
-        The call's rows are cache rows first_row, first_row + 1, ...
+        The call's rows are cache rows first_row, first_row + 1, ... `n_keys` (> every input position)
+        limits attention to the first n_keys slots, so its cost follows the text's length, not the
+        cache's; None keeps every slot (static shapes, for compiled passes).
         """
         T = tokens_BT.shape[1]
         if input_pos_BT is None:
@@ -316,9 +324,9 @@ class MultiTokenLM(nn.Module):
         rope_pos_BT = input_pos_BT if rope_pos_BT is None else rope_pos_BT
         cos_BTE, sin_BTE = self.rope_cos_SE[rope_pos_BT], self.rope_sin_SE[rope_pos_BT]
         if mask_B1TS is None:
-            key_pos_S = torch.arange(self.cache_len(), device=tokens_BT.device)
+            key_pos_S = torch.arange(n_keys or self.cache_len(), device=tokens_BT.device)
             mask_B1TS = key_pos_S.view(1, 1, 1, -1) <= input_pos_BT.unsqueeze(1).unsqueeze(-1)
-        return RopeContext(cos_BTE, sin_BTE, input_pos_BT, mask_B1TS, first_row)
+        return RopeContext(cos_BTE, sin_BTE, input_pos_BT, mask_B1TS, first_row, n_keys)
 
     def attention_modules(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]

@@ -48,6 +48,25 @@ def test_cached_forward_equals_full_forward(style):
         torch.testing.assert_close(step[:, 0, 0], full_BTNV[:, t, 0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("style", HEAD_STYLES)
+def test_attention_over_the_used_slots_equals_attention_over_the_whole_cache(style):
+    """n_keys (as decoding passes it: beyond every query's position) changes cost, not values."""
+    model = tiny_model(n_future=2, head_style=style).eval()
+    tokens_BT = torch.randint(0, 97, (2, 14))
+    model.setup_caches(batch_size=2, max_seq_len=48)
+    pos_BT = torch.tensor([list(range(10)), [*range(6), 47, 47, 47, 47]])  # row 1 padded to the spare slot
+    block_BT, at_BT = tokens_BT[:, 10:], torch.tensor([[10, 11, 12, 13], [6, 7, 8, 9]])
+    with torch.no_grad():
+        model.trunk_forward(tokens_BT[:, :10], model.rope_context(tokens_BT[:, :10], pos_BT))
+        outputs = []
+        for n_keys in (None, 14):  # the cache write is the same both times
+            rope = model.rope_context(block_BT, at_BT, n_keys=n_keys)
+            h_BTD = model.trunk_forward(block_BT, rope)
+            outputs.append(model.logits(model.head_forward(0, h_BTD, rope)))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-6)
+    assert rope.mask_B1TS.shape[-1] == 14
+
+
 def test_cache_rows_keep_their_own_positions():
     """Rows at different positions in one batch match each row decoded alone."""
     model = tiny_model(n_future=1).eval()

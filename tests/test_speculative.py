@@ -51,7 +51,7 @@ class OracleStub(nn.Module):
     def clear_caches(self):
         pass
 
-    def rope_context(self, tokens_BT, input_pos_BT, first_row=0):
+    def rope_context(self, tokens_BT, input_pos_BT, first_row=0, n_keys=None):
         return SimpleNamespace(input_pos_BT=input_pos_BT)
 
     def trunk_forward(self, tokens_BT, rope):
