@@ -62,10 +62,17 @@ class DraftPlan:
     """A tree of drafts instead of a chain (parallel heads only)."""
     name: str = "plain"
     """How stats name the plan: "plain", "chain2", "tree8", ..."""
+    shadow: bool = False
+    """A plain step that also runs the first drafting head and scores its guess against the token the
+    step chooses: the evidence of a one-draft chain at a fraction of its cost (heads without a cache)."""
 
     @classmethod
     def chain(cls, n_drafts: int) -> DraftPlan:
         return cls(n_drafts, None, f"chain{n_drafts}" if n_drafts else "plain")
+
+    @classmethod
+    def shadow_probe(cls) -> DraftPlan:
+        return cls(0, None, "probe", shadow=True)
 
     @classmethod
     def of_tree(cls, tree: TreeTensors, name: str) -> DraftPlan:
@@ -501,6 +508,8 @@ def decode_step(
         drafts_BJ, q_BJV, draft_logits_BJV = next_B.new_zeros(n, 0), None, None
         block_BT = next_B.unsqueeze(1)
     h_BTD, logits_BTV = batch.forward(model, block_BT, pos_BT, 0, batch.key_bound(n, k + 1))
+    # The first head's guess for the token this plain step chooses, from the last committed position.
+    guess_B = _shadow_guess(batch, n) if plan.shadow else None
     if sampling.greedy:
         n_acc_B, bonus_B = accept_greedy(logits_BTV, drafts_BJ, n_drafts_B)
     else:
@@ -524,8 +533,17 @@ def decode_step(
         truth_BJ = torch.where(accepted_BJ, drafts_BJ, bonus_B.unsqueeze(1))
         ranks = _rank_hits(draft_logits_BJV, truth_BJ, reached_BJ)
     return _record(
-        batch, plan, budget, n_acc_B, bonus_B, drafts_BJ, ranks, logits_BTV if keep_logits else None
+        batch, plan, budget, n_acc_B, bonus_B, drafts_BJ, ranks, logits_BTV if keep_logits else None, guess_B
     )
+
+
+def _shadow_guess(batch: DecodeBatch, n: int) -> Tensor:
+    """The +2 head's greedy guess, from each row's last committed position, of the token after the
+    pending one (needs the kept last trunk outputs of uncached heads)."""
+    if batch.history != "last" or batch.h_last_BD is None:
+        raise ValueError("a shadow probe needs drafting heads without a cache (the linear style)")
+    model = batch.model
+    return model.logits(model.head_forward(1, batch.h_last_BD[:n], None)).argmax(-1)
 
 
 def _tree_step(batch: DecodeBatch, plan: DraftPlan, budget: Sequence[int], keep_logits: bool) -> StepRecord:
@@ -569,11 +587,15 @@ def _tree_step(batch: DecodeBatch, plan: DraftPlan, budget: Sequence[int], keep_
     return _record(batch, plan, budget, n_acc_B, bonus_B, candidates_BJ, ranks, step_logits_BTV)
 
 
-def _record(batch, plan, budget, n_acc_B, bonus_B, candidates_BJ, ranks_JR, logits_BTV) -> StepRecord:
+def _record(
+    batch, plan, budget, n_acc_B, bonus_B, candidates_BJ, ranks_JR, logits_BTV, guess_B=None
+) -> StepRecord:
     """The step's one device-to-host copy, and the host-side bookkeeping it feeds."""
     n, k = len(budget), candidates_BJ.shape[1]
     parts = [n_acc_B, bonus_B, candidates_BJ.flatten()] + ([] if ranks_JR is None else [ranks_JR.flatten()])
-    values = torch.cat(parts).tolist()
+    values = torch.cat([*parts, *([] if guess_B is None else [guess_B])]).tolist()
+    if guess_B is not None:
+        guesses, values = values[-n:], values[:-n]
     n_acc, bonus, candidates = values[:n], values[n : 2 * n], values[2 * n : 2 * n + n * k]
     record = StepRecord(plan, [], [], logits_BTV=logits_BTV)
     per_depth = [1] * k if plan.tree is None else [len(level) for level in plan.tree.levels]
@@ -594,6 +616,10 @@ def _record(batch, plan, budget, n_acc_B, bonus_B, candidates_BJ, ranks_JR, logi
             accepted[j] += j < a
     if k:
         record.proposed_J, record.reached_J, record.accepted_J = proposed, reached, accepted
+    if guess_B is not None:  # a shadow probe: what a one-draft chain would have accepted
+        judged = [b for b in range(n) if budget[b] >= 2]
+        hits = sum(guesses[b] == bonus[b] for b in judged)
+        record.proposed_J, record.reached_J, record.accepted_J = [len(judged)], [len(judged)], [hits]
     if ranks_JR is not None:
         flat = values[2 * n + n * k :]
         R = len(flat) // k

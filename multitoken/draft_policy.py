@@ -16,9 +16,12 @@ statistics, decayed so that a change of text is followed within tens of steps:
 decoding wins, the policy still probes now and then with the cheapest drafting plan, a chain of one
 draft, at intervals that double while probing finds nothing (FIRST_PROBE_INTERVAL up to
 MAX_PROBE_INTERVAL steps, times the probe's cost relative to a plain step), so drafting resumes when
-drafts become useful; deeper heads are tried once the first one earns its keep. A probe goes on
+drafts become useful; deeper heads are tried once the first one earns its keep. Drafting must beat
+plain decoding by DRAFT_MARGIN, not by noise in the estimates. A probe goes on
 while it pays for itself (its drafts accepted, and a draft costing less than a plain step), so
-one lucky guess is not all the evidence a predictable stretch of text gets. New text (`new_text`) is probed at its first step, and
+one lucky guess is not all the evidence a predictable stretch of text gets. Where the heads keep no cache and decoding is greedy,
+a probe is a shadow step instead: a plain step that also scores the first head's guess against the
+token it chooses, the same evidence at a fraction of the cost. New text (`new_text`) is probed at its first step, and
 the statistics gathered on earlier texts then weigh less (NEW_TEXT_WEIGHT): predictability varies
 more between texts than within one. A step ages only the statistics of the heads it used, and once
 drafting pays, the choice among drafting plans is optimistic about the deeper heads in proportion
@@ -45,6 +48,9 @@ DECAY = 0.9
 PRIOR_RATE = 0.35
 """Acceptance assumed before anything is observed (worth PRIOR_WEIGHT rows, always)."""
 PRIOR_WEIGHT = 2.0
+DRAFT_MARGIN = 0.1
+"""Drafting is chosen (and a probe goes on) only when expected to beat plain decoding by this share:
+estimated costs and rates are noisy, and a wrong choice to draft costs more than a wrong choice not to."""
 EXPLORE = 0.5
 """Optimism of the deeper heads' rates, per 1 / sqrt(rows seen) (see `AcceptanceStats.chain_rates`)."""
 NEW_TEXT_WEIGHT = 0.3
@@ -182,6 +188,10 @@ class DraftPolicy:
         self.probing = False
         self.probe_accepted = False
         """The last probe paid for itself (accepted tokens per row over its cost): probe again next step."""
+        self.shadow_probes = False
+        """Probe with shadow steps (a plain step scoring the first head's guess, `DraftPlan.shadow_probe`)
+        instead of one-draft chains: for heads without a cache, in greedy decoding (generate sets it)."""
+        self.shadow = DraftPlan.shadow_probe()
         self.plan_counts: Counter[str] = Counter()
         self.observed: dict[tuple[str, int], deque[float]] = {}
         """Recent measured step times by (plan, batch size)."""
@@ -229,6 +239,9 @@ class DraftPolicy:
         """The plan of most expected tokens per second (cached until the statistics change)."""
         if self._best_cache is None or self._best_cache[0] != batch_size:
             values = self.values(batch_size)
+            plain = self.chains[0].name
+            if plain in values:  # drafting must beat plain decoding by a margin, not by noise
+                values[plain] = (values[plain][0] * (1 + DRAFT_MARGIN), values[plain][1])
             best = max(values.values(), key=lambda v: v[0])[1] if values else self.chains[-1]
             if best.n_heads:  # drafting pays as observed; which plan, optimism about deep heads decides
                 drafting = [v for v in self.values(batch_size, EXPLORE).values() if v[1].n_heads]
@@ -247,7 +260,7 @@ class DraftPolicy:
             self.steps_since_drafting += 1
             due = self.steps_since_drafting >= self.probe_interval * self._probe_cost(batch_size)
             if due or self.probe_accepted:
-                best, self.probing = self.chains[1], True
+                best, self.probing = self.shadow if self.shadow_probes else self.chains[1], True
                 self.steps_since_drafting = 0
         else:
             self.steps_since_drafting = 0
@@ -288,10 +301,21 @@ class DraftPolicy:
         self.stats.scale(NEW_TEXT_WEIGHT)
 
     def _probe_cost(self, batch_size: int) -> float:
-        """A probe's cost relative to a plain step: probes of costly heads come less often."""
+        """A probe's cost relative to a plain step: probes of costly heads come less often. A shadow
+        probe is a plain step plus one head: its measured ratio once timed, else 1."""
+        if self.shadow_probes:
+            seen = self.observed.get((self.shadow.name, batch_size))
+            seen_plain = self.observed.get((self.chains[0].name, batch_size))
+            if seen and seen_plain and len(seen) >= OBSERVED_MIN and len(seen_plain) >= OBSERVED_MIN:
+                return max(1.0, statistics.median(seen) / statistics.median(seen_plain))
+            return 1.0
+        return self._draft_cost(batch_size)
+
+    def _draft_cost(self, batch_size: int) -> float:
+        """A one-draft chain's cost relative to a plain step."""
         plain = self.step_seconds(self.chains[0].name, batch_size)
-        probe = self.step_seconds(self.chains[1].name, batch_size)
-        return max(1.0, probe / plain) if plain and probe else 1.0
+        chain1 = self.step_seconds(self.chains[1].name, batch_size)
+        return max(1.0, chain1 / plain) if plain and chain1 else 1.0
 
     def observe(self, record: StepRecord, batch_size: int, seconds: float | None = None) -> None:
         """Fold a step's acceptance, and its measured time when given, into the statistics.
@@ -317,8 +341,8 @@ class DraftPolicy:
         self._trees_stale = self.trees
         if self.probing and self._best(batch_size).n_heads == 0:
             # Probe again only if this probe paid for itself: its tokens per row against its cost.
-            gained = 1 + record.accepted_J[0] / max(record.reached_J[0], 1)
-            self.probe_accepted = gained > self._probe_cost(batch_size)
+            gained = 1 + record.accepted_J[0] / max(record.reached_J[0], 1)  # a one-draft chain's
+            self.probe_accepted = gained > self._draft_cost(batch_size) * (1 + DRAFT_MARGIN)
             if not self.probe_accepted:
                 # Probing found nothing worth drafting: wait twice as long before the next probe.
                 self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)

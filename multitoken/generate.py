@@ -332,6 +332,8 @@ def generate(
     # lets them catch up lazily, when (and if) it first drafts.
     batch.sampling, batch.n_rows, batch.prefill_heads = params, B, fixed is not None and n_heads > 0
     batch.track_ranks = policy is not None and policy.trees
+    if policy is not None:  # probe by scoring guesses in plain steps where that is exact and cheap
+        policy.shadow_probes = batch.history == "last" and params.greedy
     try:
         if max_new_tokens > 0:
             _emit(rows, prefill(batch, prompt_ids, keep_logits=return_logits), on_tokens)
@@ -347,7 +349,7 @@ def generate(
             plans[plan.name] += 1
             stats.forward_passes += 1
             stats.row_forwards += sum(r > 0 for r in budget)
-            for j in range(len(record.reached_J)):
+            for j in range(len(record.reached_J) if not plan.shadow else 0):  # shadow guesses: not drafts
                 stats.drafts_proposed[j] += record.proposed_J[j]
                 stats.drafts_reached[j] += record.reached_J[j]
                 stats.drafts_accepted[j] += record.accepted_J[j]

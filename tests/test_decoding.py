@@ -3,10 +3,13 @@
 import pytest
 import torch
 from test_generate import agreeing_model
+from test_speculative import make_stub
 
 from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
+from multitoken.draft_policy import DraftPolicy
 from multitoken.generate import generate
 from multitoken.sampling import RowSampling, SamplingParams, sampling_probs
+from multitoken.step_costs import StepCosts
 
 from conftest import tiny_model
 
@@ -112,3 +115,32 @@ def test_a_greedy_row_among_sampled_rows_decodes_greedily():
     batch.sampling = RowSampling.build([SamplingParams(), SamplingParams(temperature=1.0)], "cpu")
     assert batch.live_sampling(slice(0, 1)).greedy and not batch.live_sampling(slice(0, 2)).greedy
     batch.close()
+
+
+class ShadowEveryStep(DraftPolicy):
+    """Every step a shadow probe: plain decoding that scores the +2 head's guess."""
+
+    def __init__(self):
+        super().__init__(1, StepCosts(), trees=False, device="cpu", vocab_size=97)
+        self.hits, self.judged = 0, 0
+
+    def choose(self, batch_size):
+        return DraftPlan.shadow_probe()
+
+    def observe(self, record, batch_size, seconds=None):
+        self.hits += record.accepted_J[0]
+        self.judged += record.reached_J[0]
+
+
+def test_a_shadow_probe_scores_the_guess_a_one_draft_chain_would_verify():
+    """Plain output, and a hit wherever the +2 head at the last committed position is right."""
+    right = lambda b, i, t: t % 3 == 0  # noqa: E731
+    stub = make_stub(1, 2, right, head_style="linear", S=80)
+    prompt = stub.seq_BS[0, :5].tolist()
+    policy = ShadowEveryStep()
+    out = generate(stub, [prompt], 40, policy=policy, seed=0)
+    assert out.tokens == [stub.seq_BS[0, 5:45].tolist()] and out.stats.plans == {"probe": 39}
+    # The step whose pending token sits at p scores the guess made at p - 1 for p + 1.
+    judged = range(5, 5 + 38)  # the last step's row has budget 1: nothing to judge
+    assert policy.judged == len(judged) and policy.hits == sum(right(0, 1, p - 1) for p in judged)
+    assert out.stats.drafts_proposed == [0]  # shadow guesses are not drafts

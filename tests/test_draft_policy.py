@@ -262,3 +262,13 @@ def test_a_probe_that_costs_more_than_it_gains_does_not_go_on():
     assert policy.choose(1).name == "chain1"  # the new-text probe
     policy.observe(chain1_record(True), 1)
     assert policy.choose(1).name == "plain"
+
+
+def test_probes_are_shadow_steps_where_the_batch_allows():
+    policy = stub_policy(costs=CPU_COSTS)
+    policy.shadow_probes = True
+    for _ in range(20):
+        policy.observe(chain1_record(False), 1)
+    plans = [policy.choose(1) for _ in range(40)]
+    probes = [p for p in plans if p.n_heads or p.shadow]
+    assert len(probes) == 1 and probes[0].shadow  # on schedule (cost 1 until timed), as a shadow step
