@@ -12,22 +12,25 @@ statistics, decayed so that a change of text is followed within tens of steps:
     tree:               1 + sum_{nodes} prod_{d} h_{d, r_d}        h_{d,r} = P(the head's r-th guess is
                                                                             right | depth d reached)
 
-(the tree formula assumes the heads err independently, as Medusa's sparse trees do). When plain
-decoding wins, the policy still probes now and then with the cheapest drafting plan, a chain of one
-draft, at intervals that double while probing finds nothing (FIRST_PROBE_INTERVAL up to
-MAX_PROBE_INTERVAL steps, times the probe's cost relative to a plain step), so drafting resumes when
-drafts become useful; deeper heads are tried once the first one earns its keep. Drafting must beat
-plain decoding by DRAFT_MARGIN, not by noise in the estimates. A probe goes on
-while it pays for itself (its drafts accepted, and a draft costing less than a plain step), so
-one lucky guess is not all the evidence a predictable stretch of text gets. Where the heads keep no cache and decoding is greedy,
-a probe is a shadow step instead: a plain step that also scores the first head's guess against the
-token it chooses, the same evidence at a fraction of the cost. New text (`new_text`) is probed at its first step, and
-the statistics gathered on earlier texts then weigh less (NEW_TEXT_WEIGHT): predictability varies
-more between texts than within one. A step ages only the statistics of the heads it used, and once
-drafting pays, the choice among drafting plans is optimistic about the deeper heads in proportion
-to how little they have been seen (EXPLORE), so they get tried rather than sit at the prior. Once
-a plan has a few timed steps, their measured cost replaces the calibrated one. Every plan is
-lossless, so the choice changes speed only, never the output.
+(the tree formula assumes the heads err independently, as Medusa's sparse trees do).
+
+Deciding. Drafting must beat plain decoding by DRAFT_MARGIN, not by noise in the estimates. Once it
+does, the choice among drafting plans is optimistic about the deeper heads in proportion to how
+little they have been seen (EXPLORE), so each gets tried rather than sitting at the prior. A step
+ages only the statistics of the heads it used. Once a plan has a few timed steps, their measured
+cost replaces the calibrated one.
+
+Probing. While plain decoding wins, the policy probes now and then, at intervals that double while
+probing finds nothing (FIRST_PROBE_INTERVAL up to MAX_PROBE_INTERVAL steps, times the probe's cost
+relative to a plain step). A probe is a one-draft chain or, where the heads keep no cache and
+decoding is greedy, a shadow step: a plain step that also scores the first head's guess against
+the token it chooses, the same evidence at a fraction of the cost. Probing goes on while a
+one-draft chain would pay for itself, so one lucky guess is not all the evidence a predictable
+stretch of text gets. New text (`new_text`) is probed at its first step, and the statistics of
+earlier texts then weigh less (NEW_TEXT_WEIGHT): predictability varies more between texts than
+within one.
+
+Every plan is lossless, so the choice changes speed only, never the output.
 """
 
 from __future__ import annotations
@@ -187,7 +190,7 @@ class DraftPolicy:
         self.steps_since_drafting = 0
         self.probing = False
         self.probe_accepted = False
-        """The last probe paid for itself (accepted tokens per row over its cost): probe again next step."""
+        """At the last probe a one-draft chain would have paid for itself: probe again next step."""
         self.shadow_probes = False
         """Probe with shadow steps (a plain step scoring the first head's guess, `DraftPlan.shadow_probe`)
         instead of one-draft chains: for heads without a cache, in greedy decoding (generate sets it)."""
@@ -284,14 +287,17 @@ class DraftPolicy:
         """
         calibrated = self.costs.seconds(plan_name, batch_size)
         plain_name = self.chains[0].name
-        seen = self.observed.get((plan_name, batch_size))
-        seen_plain = self.observed.get((plain_name, batch_size))
-        if plan_name == plain_name or not seen or not seen_plain:
-            return calibrated
-        if len(seen) < OBSERVED_MIN or len(seen_plain) < OBSERVED_MIN:
-            return calibrated
+        ratio = self._measured_ratio(plan_name, batch_size) if plan_name != plain_name else None
         plain = self.costs.seconds(plain_name, batch_size)
-        return statistics.median(seen) / statistics.median(seen_plain) * plain if plain else calibrated
+        return ratio * plain if ratio is not None and plain else calibrated
+
+    def _measured_ratio(self, plan_name: str, batch_size: int) -> float | None:
+        """Median timed step of a plan over that of the plain step, once each has OBSERVED_MIN."""
+        seen = self.observed.get((plan_name, batch_size))
+        seen_plain = self.observed.get((self.chains[0].name, batch_size))
+        if not seen or not seen_plain or len(seen) < OBSERVED_MIN or len(seen_plain) < OBSERVED_MIN:
+            return None
+        return statistics.median(seen) / statistics.median(seen_plain)
 
     def new_text(self) -> None:
         """New prompts may be more predictable: probe at once, then on the first schedule again, keeping
@@ -304,11 +310,7 @@ class DraftPolicy:
         """A probe's cost relative to a plain step: probes of costly heads come less often. A shadow
         probe is a plain step plus one head: its measured ratio once timed, else 1."""
         if self.shadow_probes:
-            seen = self.observed.get((self.shadow.name, batch_size))
-            seen_plain = self.observed.get((self.chains[0].name, batch_size))
-            if seen and seen_plain and len(seen) >= OBSERVED_MIN and len(seen_plain) >= OBSERVED_MIN:
-                return max(1.0, statistics.median(seen) / statistics.median(seen_plain))
-            return 1.0
+            return max(1.0, self._measured_ratio(self.shadow.name, batch_size) or 1.0)
         return self._draft_cost(batch_size)
 
     def _draft_cost(self, batch_size: int) -> float:
@@ -340,8 +342,8 @@ class DraftPolicy:
         self._best_cache = None
         self._trees_stale = self.trees
         if self.probing and self._best(batch_size).n_heads == 0:
-            # Probe again only if this probe paid for itself: its tokens per row against its cost.
-            gained = 1 + record.accepted_J[0] / max(record.reached_J[0], 1)  # a one-draft chain's
+            # Probe again only if a one-draft chain would have paid for itself here.
+            gained = 1 + record.accepted_J[0] / max(record.reached_J[0], 1)
             self.probe_accepted = gained > self._draft_cost(batch_size) * (1 + DRAFT_MARGIN)
             if not self.probe_accepted:
                 # Probing found nothing worth drafting: wait twice as long before the next probe.
