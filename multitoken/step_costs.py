@@ -50,8 +50,14 @@ def batch_bucket(batch_size: int) -> int:
     return 1 << max(batch_size - 1, 0).bit_length()
 
 
+COST_MODEL_VERSION = 2
+"""Bumped when decoding steps change cost (2: attention over the cache slots in use), so that costs
+cached by an earlier version are measured again."""
+
+
 def machine_key(model) -> str:
-    """What the costs depend on besides the batch: machine, device, dtype, threads, torch and model shape."""
+    """What the costs depend on besides the batch: machine, device, dtype, threads, torch, model shape
+    and the version of the decoding steps."""
     param = next(model.parameters())
     device = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else platform.processor()
     shape = json.dumps(model.config.__dict__, sort_keys=True, default=str)
@@ -62,6 +68,7 @@ def machine_key(model) -> str:
         str(torch.get_num_threads()),
         torch.__version__,
         hashlib.sha1(shape.encode()).hexdigest()[:12],
+        f"v{COST_MODEL_VERSION}",
     ]
     return "|".join(parts)
 
