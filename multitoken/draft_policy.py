@@ -21,8 +21,8 @@ ages only the statistics of the heads it used. Once a plan has a few timed steps
 cost replaces the calibrated one.
 
 Probing. While plain decoding wins, the policy probes now and then, at intervals that double while
-probing finds nothing (FIRST_PROBE_INTERVAL up to MAX_PROBE_INTERVAL, times the probe's extra
-cost in plain steps, so that probing costs at most 1/32 of plain decoding, then 1/256). A probe is a one-draft chain or, where the heads keep no cache and
+probing finds nothing (FIRST_PROBE_INTERVAL up to MAX_PROBE_INTERVAL steps, times a one-draft
+chain's cost relative to a plain step, or a shadow probe's extra cost). A probe is a one-draft chain or, where the heads keep no cache and
 decoding is greedy, a shadow step: a plain step that also scores the first head's guess against
 the token it chooses, the same evidence at a fraction of the cost. Probing goes on while a
 one-draft chain would pay for itself, so one lucky guess is not all the evidence a predictable
@@ -61,8 +61,8 @@ NEW_TEXT_WEIGHT = 0.3
 than within one."""
 FIRST_PROBE_INTERVAL = 32
 MAX_PROBE_INTERVAL = 256
-"""Probes come every interval x (extra cost of a probe in plain steps) steps: probing costs 1/32 of
-plain decoding at first, falling to 1/256 while probes find nothing."""
+"""Steps between probes, times the probe's cost (see `DraftPolicy._probe_spacing`); the interval
+doubles from FIRST to MAX while probes find nothing."""
 SHADOW_PROBE_EXTRA = 0.25
 """Extra cost of a shadow probe, in plain steps, until its steps have been timed."""
 MIN_PROBE_EXTRA = 0.1
@@ -266,7 +266,7 @@ class DraftPolicy:
         self.probing = False
         if best.n_heads == 0 and self.n_heads:
             self.steps_since_drafting += 1
-            due = self.steps_since_drafting >= self.probe_interval * self._probe_extra_cost(batch_size)
+            due = self.steps_since_drafting >= self.probe_interval * self._probe_spacing(batch_size)
             if due or self.probe_accepted:
                 best, self.probing = self.shadow if self.shadow_probes else self.chains[1], True
                 self.steps_since_drafting = 0
@@ -311,16 +311,15 @@ class DraftPolicy:
         self.probe_accepted = True
         self.stats.scale(NEW_TEXT_WEIGHT)
 
-    def _probe_extra_cost(self, batch_size: int) -> float:
-        """What a probe costs beyond a plain step, in plain steps (at least MIN_PROBE_EXTRA): probes
-        come at intervals of probe_interval times it, so probing costs at most 1 / probe_interval of
-        plain decoding. A shadow probe is a plain step plus one head: SHADOW_PROBE_EXTRA until timed."""
-        if self.shadow_probes:
-            ratio = self._measured_ratio(self.shadow.name, batch_size)
-            extra = ratio - 1 if ratio is not None else SHADOW_PROBE_EXTRA
-        else:
-            extra = self._draft_cost(batch_size) - 1
-        return max(MIN_PROBE_EXTRA, extra)
+    def _probe_spacing(self, batch_size: int) -> float:
+        """Steps between probes per unit of probe_interval. A one-draft chain: its cost in plain steps,
+        so costly heads are probed rarely. A shadow probe (a plain step plus one head): its extra cost
+        in plain steps (SHADOW_PROBE_EXTRA until timed, at least MIN_PROBE_EXTRA), so probing costs at
+        most 1 / probe_interval of plain decoding, and cheap probes come often."""
+        if not self.shadow_probes:
+            return self._draft_cost(batch_size)
+        ratio = self._measured_ratio(self.shadow.name, batch_size)
+        return max(MIN_PROBE_EXTRA, ratio - 1 if ratio is not None else SHADOW_PROBE_EXTRA)
 
     def _draft_cost(self, batch_size: int) -> float:
         """A one-draft chain's cost relative to a plain step."""

@@ -70,12 +70,12 @@ def test_never_accepted_heads_lead_to_plain_steps():
     assert first_plain <= 8  # a few drafting steps, then plain
     later = plans[first_plain:]
     drafting = [i for i, name in enumerate(later) if name != "plain"]
-    # Only probes draft now, with one draft, at intervals that double from 32 to 256 times the
-    # probe's extra cost (0.1 of a plain step): about every 3, 6, 13, then 26 steps.
+    # Only probes draft now, with one draft, at intervals that double (32, 64, 128 steps, times the
+    # probe's 1.1x cost): 3 in ~295 steps.
+    assert len(drafting) == 3
     assert all(later[i] == "chain1" for i in drafting)
     gaps = [b - a for a, b in itertools.pairwise(drafting)]
-    assert gaps == sorted(gaps) and gaps[-1] >= 1.9 * gaps[0] and max(gaps) <= 27
-    assert len(drafting) * 0.1 <= len(later) / 32  # probing costs at most 1/32 of the plain steps
+    assert gaps == sorted(gaps) and gaps[-1] >= 1.9 * gaps[0]
 
 
 def test_always_accepted_heads_lead_to_the_deepest_chain():
@@ -99,8 +99,7 @@ def test_a_change_in_acceptance_is_followed():
     assert shallower > 10 and all(name == "chain3" for name in plans[4:shallower])
     assert switch - shallower <= 15  # backs off through shorter chains to plain
     tail = plans[switch:]
-    probes = [name for name in tail if name != "plain"]
-    assert set(probes) == {"chain1"} and len(probes) * 0.1 <= len(tail) / 32  # only probes draft now
+    assert tail.count("plain") >= len(tail) - 5  # only probes draft now
 
     # And back: heads wrong at first, right later; probes find out and drafting resumes.
     stub = make_stub(1, 4, lambda b, i, t: t >= 40, S=260)
@@ -195,9 +194,9 @@ def test_a_probe_goes_on_while_its_drafts_are_accepted():
     policy = stub_policy(costs=CPU_COSTS)
     for _ in range(20):  # a long stretch of rejected drafts
         policy.observe(chain1_record(False), 1)
-    plans = [policy.choose(1).name for _ in range(15)]
-    # One probe on schedule: after 32 x 0.35 (a one-draft step's extra cost) plain steps.
-    assert plans.count("chain1") == 1 and plans[11] == "chain1"
+    plans = [policy.choose(1).name for _ in range(60)]
+    # One probe on schedule: after 32 x 1.35 (a one-draft step's cost) plain steps.
+    assert plans.count("chain1") == 1 and plans[43] == "chain1"
     policy.probing = True  # the next probe, accepted
     policy.observe(chain1_record(True), 1)
     assert policy.values(1)["plain"][0] > policy.values(1)["chain1"][0]  # plain still looks best
