@@ -16,6 +16,7 @@ from multitoken.generate import SPECULATIVE_HINT, GenerationStats, format_stats,
 from multitoken.speculative import draft_depth
 
 SPECULATIVE_MODES = {"auto": None, "on": True, "off": False}
+COMPARE_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class _TextStream:
@@ -76,6 +77,7 @@ def generate_cli(
     device: str = "auto",
     stop: list[str] | None = None,
     compare_plain: bool = False,
+    compare_clock: Literal["wall", "cpu"] = "wall",
     draft_tree: str | None = None,
     compile: bool = False,
 ) -> None:
@@ -111,6 +113,8 @@ def generate_cli(
             one it produces.
         compare_plain: time plain decoding of the same prompts too, alternating with speculative
             decoding after a warm-up, and report the median speedup and whether the outputs match.
+        compare_clock: the clock of --compare-plain: wall, or cpu (this process's CPU time, which
+            other jobs on a busy machine do not inflate; for one torch thread).
         draft_tree: verify a tree of drafts each step, given as widths per depth: 4,2,1 tries the top
             4 drafts of the +2 head, after each the top 2 of the +3 head, then the top +4.
         compile: compile the verification pass with torch.compile; the first batch waits tens of
@@ -118,6 +122,9 @@ def generate_cli(
     """
     from multitoken.checkpoint import load_checkpoint
 
+    if compare_clock not in COMPARE_CLOCKS:
+        raise UserError(f"--compare-clock takes wall or cpu, got {compare_clock!r}")
+    clock = COMPARE_CLOCKS[compare_clock]
     mode = SPECULATIVE_MODES.get(speculative, "bad")
     if mode == "bad":
         raise UserError(f"--speculative takes auto, on or off, got {speculative!r}")
@@ -135,7 +142,9 @@ def generate_cli(
     model.eval()
 
     def run(ids, speculative_mode, tree_mode, first, on_tokens=None):
-        return generate(
+        """generate() on one batch; its stats' seconds are read on the comparison clock."""
+        start = clock()
+        result = generate(
             model,
             ids,
             max_new_tokens,
@@ -151,6 +160,10 @@ def generate_cli(
             draft_tree=tree_mode,
             compile=compile,
         )
+        if compare_clock == "cpu":
+            result.stats.seconds = clock() - start
+            result.stats.tokens_per_s = result.stats.new_tokens / max(result.stats.seconds, 1e-9)
+        return result
 
     batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
     if compare_plain:  # warm up both (first-use cost measurement, compilation, allocator) untimed

@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+import multitoken.generate_cli as generate_cli_module
 from multitoken.errors import UserError
 from multitoken.generate import generate
 from multitoken.generate_cli import generate_cli
@@ -232,6 +233,20 @@ def test_generate_cli_streams_and_writes_stats(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.count("\n---\n") == 3
     with pytest.raises(UserError, match="exactly one"):
         generate_cli("ckpt", device="cpu")
+
+
+def test_compare_plain_can_time_on_the_process_cpu_clock(tmp_path, monkeypatch):
+    """--compare-clock cpu times each call on its clock (a fake one ticking 1 s per read)."""
+    serve_as_checkpoint(monkeypatch, agreeing_model("linear", 3).float())
+    ticks = iter(range(1000))
+    monkeypatch.setitem(generate_cli_module.COMPARE_CLOCKS, "cpu", lambda: float(next(ticks)))
+    stats_file = tmp_path / "stats.json"
+    generate_cli("ckpt", prompt="bcd", max_new_tokens=12, device="cpu", compare_plain=True,
+                 compare_clock="cpu", stats_json=str(stats_file))  # fmt: skip
+    record = json.loads(stats_file.read_text())
+    assert record["seconds"] == 1.0 and record["plain"]["seconds"] == 1.0 and record["speedups"] == [1.0]
+    with pytest.raises(UserError, match="--compare-clock"):
+        generate_cli("ckpt", prompt="bcd", device="cpu", compare_plain=True, compare_clock="gpu")
 
 
 def test_compiled_decoding_step_matches_eager_and_is_reused():
