@@ -30,6 +30,7 @@ SMALLER = {
     "--warmup-steps": lambda value, corpus: "1",
     "--max-new-tokens": lambda value, corpus: "4",
     "--limit": lambda value, corpus: "1",
+    "--n-prompts": lambda value, corpus: "2",
 }
 SMALL_TRAIN = ["--preset", "debug", "--seq-len", "32", "--val-every", "0", "--val-batches", "1"]
 EXTRA = {
@@ -97,7 +98,10 @@ def test_the_readme_names_no_file_a_clone_lacks():
 def tour(tmp_path_factory):
     """A folder where the tour ran at small sizes: data/stdlib, runs/tiny-n4, examples/ beside them."""
     home = tmp_path_factory.mktemp("tour")
-    corpus = str(make_corpus(home / "corpus", 40))
+    corpus_dir = make_corpus(home / "corpus", 40)
+    for i, doc in enumerate(sorted(corpus_dir.iterdir())):  # function headers, as the stdlib has, in every split
+        doc.write_text(doc.read_text() + f"\ndef step_{i}(x):\n    return x + {i}\n")
+    corpus = str(corpus_dir)
     (home / "examples").symlink_to(ROOT / "examples")
     cwd = Path.cwd()
     os.chdir(home)
