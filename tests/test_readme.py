@@ -99,7 +99,9 @@ def tour(tmp_path_factory):
     """A folder where the tour ran at small sizes: data/stdlib, runs/tiny-n4, examples/ beside them."""
     home = tmp_path_factory.mktemp("tour")
     corpus_dir = make_corpus(home / "corpus", 40)
-    for i, doc in enumerate(sorted(corpus_dir.iterdir())):  # function headers, as the stdlib has, in every split
+    for i, doc in enumerate(
+        sorted(corpus_dir.iterdir())
+    ):  # function headers, as the stdlib has, in every split
         doc.write_text(doc.read_text() + f"\ndef step_{i}(x):\n    return x + {i}\n")
     corpus = str(corpus_dir)
     (home / "examples").symlink_to(ROOT / "examples")
