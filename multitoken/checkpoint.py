@@ -286,6 +286,13 @@ def _read_latest(root: Path) -> str | None:
     return fallback
 
 
+def checkpoint_steps(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint (its config written) of a run, oldest first."""
+    return [
+        (int(p.name[5:]), p) for p in _step_dirs(Path(run_dir) / CHECKPOINTS) if (p / CONFIG).is_file()
+    ]
+
+
 def _step_dirs(root: Path) -> list[Path]:
     """Checkpoint directories, oldest step first (by number: step_1000000 comes after step_999000)."""
     dirs = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]

@@ -103,3 +103,15 @@ def test_read_weights_is_the_state_dict_without_a_model(tmp_path, tied):
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
     if tied:
         assert state["output.weight"] is state["tok_embeddings.weight"]
+
+
+def test_checkpoint_steps_ascend_by_number_and_skip_incomplete(tmp_path):
+    """The studies list a run's checkpoints through this (they once sorted step names as strings)."""
+    for step in (999000, 1000000, 5, 40):
+        path = tmp_path / ckpt_io.CHECKPOINTS / f"step_{step}"
+        path.mkdir(parents=True)
+        (path / ckpt_io.CONFIG).write_text("{}")
+    (tmp_path / ckpt_io.CHECKPOINTS / "step_7").mkdir()  # being written: no config yet
+    found = ckpt_io.checkpoint_steps(tmp_path)
+    assert [s for s, _ in found] == [5, 40, 999000, 1000000]
+    assert all(p.name == f"step_{s}" for s, p in found)

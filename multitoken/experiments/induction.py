@@ -20,7 +20,7 @@ from pathlib import Path
 import tokenizers
 import torch
 
-from multitoken.checkpoint import load_model
+from multitoken.checkpoint import checkpoint_steps, load_model
 from multitoken.data.shards import PrepareConfig, prepare
 from multitoken.data.sources import iter_documents
 from multitoken.errors import UserError
@@ -33,7 +33,6 @@ from multitoken.experiments.runner import (
     resolve_device,
     train_variant,
 )
-from multitoken.lab.lab_runs import checkpoint_steps
 from multitoken.report import Report
 from multitoken.tokenizer import Tokenizer, train_bpe
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multitoken.checkpoint import CHECKPOINTS, CONFIG, load_checkpoint, resolve_checkpoint
+from multitoken.checkpoint import CONFIG, checkpoint_steps, load_checkpoint, resolve_checkpoint
 from multitoken.config import ModelConfig
 from multitoken.errors import UserError
 from multitoken.loss import IGNORE_INDEX, build_targets
@@ -282,16 +282,6 @@ def train_or_reuse(
     print(f"{label}: {run_dir}")
     train_variant(train_config(options, data, run_dir, model))
     return read_run(run_dir, label)
-
-
-def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every complete checkpoint of a run, ascending."""
-    root = Path(run_dir) / CHECKPOINTS
-    found = []
-    for path in sorted(root.glob("step_*")):
-        if path.is_dir() and (path / CONFIG).is_file():
-            found.append((int(path.name.split("_")[1]), path))
-    return found
 
 
 def read_run(path: str | Path, label: str | None = None) -> LabRun:
