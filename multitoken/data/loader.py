@@ -24,6 +24,19 @@ VALIDATE_ON_OPEN_TOKENS = 1 << 24
 """Splits up to this many tokens have their ids range-checked when opened."""
 
 
+def eval_window_starts(n_tokens: int, seq_len: int, count: int | None = None) -> np.ndarray:
+    """Starts of `count` non-overlapping windows spread evenly over `n_tokens` (None: all that fit).
+
+    With A = n_tokens // seq_len whole windows and C = min(count, A) of them kept, window i starts at
+    floor(i (A - 1) / max(C - 1, 1)) * seq_len: the first and the last whole window, evenly between.
+    """
+    available = n_tokens // seq_len
+    count = available if count is None else min(count, available)
+    # Floor of evenly spaced positions: strictly increasing because count <= available.
+    index_W = np.arange(count, dtype=np.int64) * (available - 1) // max(count - 1, 1)
+    return index_W * seq_len
+
+
 class TokenDataset:
     """One split of a prepared directory, as a single read-only stream of token ids."""
 
@@ -146,11 +159,7 @@ class TokenDataset:
         At most `max_windows` in total (None: all `n_tokens // seq_len`); rank r gets every world_size-th one.
         """
         self._check_seq_len(seq_len)
-        available = self.n_tokens // seq_len
-        count = available if max_windows is None else min(max_windows, available)
-        # Floor of evenly spaced positions: strictly increasing because count <= available.
-        index_W = np.arange(count, dtype=np.int64) * (available - 1) // max(count - 1, 1)
-        starts_W = (index_W * seq_len)[rank::world_size]
+        starts_W = eval_window_starts(self.n_tokens, seq_len, max_windows)[rank::world_size]
         for first in range(0, len(starts_W), batch_size):
             rows = [self.window(int(s), seq_len) for s in starts_W[first : first + batch_size]]
             yield torch.from_numpy(np.stack(rows))

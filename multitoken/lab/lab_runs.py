@@ -374,14 +374,15 @@ def val_stream(data: Path, n_tokens: int) -> tuple[Tensor, Any]:
 
 def windows(stream_S: Tensor, seq_len: int, count: int | None = None) -> tuple[Tensor, list[int]]:
     """`count` non-overlapping windows `tokens_WT` spread evenly over the stream (default: as many as fit),
-    and their start offsets."""
+    and their start offsets: the windows `TokenDataset.eval_windows` reads."""
+    from multitoken.data.loader import eval_window_starts
+
     available = stream_S.numel() // seq_len
     if available == 0:
         raise UserError(
             f"the evaluation text has {stream_S.numel()} tokens, fewer than one window of {seq_len}"
         )
-    count = available if count is None else min(count, available)
-    starts = [(i * (available - 1) // max(count - 1, 1)) * seq_len for i in range(count)]
+    starts = [int(s) for s in eval_window_starts(stream_S.numel(), seq_len, count)]
     return torch.stack([stream_S[s : s + seq_len] for s in starts]), starts
 
 

@@ -1,3 +1,4 @@
+import itertools
 import json
 from pathlib import Path
 
@@ -130,3 +131,28 @@ def test_validate_ids_names_bad_id(prepared, tmp_path):
     ids.tofile(shard)
     with pytest.raises(UserError, match=r"train_00001\.bin has token id 9999 at position 3"):
         TokenDataset(copy)
+
+
+@pytest.mark.parametrize("n_tokens, seq_len, count", [(1000, 20, None), (1000, 20, 7), (63, 8, 3), (8, 8, 1)])
+def test_eval_window_starts_are_even_and_non_overlapping(n_tokens, seq_len, count):
+    from multitoken.data.loader import eval_window_starts
+
+    starts_W = eval_window_starts(n_tokens, seq_len, count)
+    available = n_tokens // seq_len
+    assert len(starts_W) == (available if count is None else min(count, available))
+    assert starts_W[0] == 0 and all(s % seq_len == 0 for s in starts_W)
+    assert all(b - a >= seq_len for a, b in itertools.pairwise(starts_W))
+    assert len(starts_W) == 1 or starts_W[-1] == (available - 1) * seq_len
+
+
+def test_study_windows_are_the_datasets_eval_windows(prepared):
+    """The studies score the same windows the trainer validates on (one formula, not two copies)."""
+    from multitoken.data.loader import eval_window_starts
+    from multitoken.lab.lab_runs import windows
+
+    ds = TokenDataset(prepared, "train")
+    stream_S = torch.from_numpy(ds.window(0, ds.n_tokens))
+    for count in (None, 5):
+        tokens_WT, starts = windows(stream_S, 20, count)
+        assert torch.equal(tokens_WT, torch.cat(list(ds.eval_windows(20, count))))
+        assert starts == [int(s) for s in eval_window_starts(ds.n_tokens, 20, count)]
