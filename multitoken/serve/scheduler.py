@@ -44,11 +44,11 @@ from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
 from multitoken.draft_policy import DraftPolicy
 from multitoken.errors import UserError
 from multitoken.generate import CALIBRATION_CACHE_LEN, adaptive_policy
-from multitoken.lab.icl import next_token_logits
 from multitoken.row_output import RowOutput
 from multitoken.sampling import RowSampling, SamplingParams
 from multitoken.speculative import draft_depth
 from multitoken.step_costs import batch_bucket
+from multitoken.studies.lab.icl import next_token_logits
 
 log = logging.getLogger("multitoken.serve")
 

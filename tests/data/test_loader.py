@@ -148,7 +148,7 @@ def test_eval_window_starts_are_even_and_non_overlapping(n_tokens, seq_len, coun
 def test_study_windows_are_the_datasets_eval_windows(prepared):
     """The studies score the same windows the trainer validates on (one formula, not two copies)."""
     from multitoken.data.loader import eval_window_starts
-    from multitoken.lab.lab_runs import windows
+    from multitoken.studies.scoring import windows
 
     ds = TokenDataset(prepared, "train")
     stream_S = torch.from_numpy(ds.window(0, ds.n_tokens))

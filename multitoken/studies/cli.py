@@ -1,0 +1,43 @@
+"""The `multitoken experiment ...` and `multitoken lab ...` commands, as (command path, typed function)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def study_commands() -> list[tuple[tuple[str, ...], Callable[..., Any], dict[str, Any]]]:
+    """(command path, function, Command options) of every study; the functions' parameters are the flags."""
+    from multitoken.studies.lab.choice_points import choice_points_cli
+    from multitoken.studies.lab.emergence import emergence_cli
+    from multitoken.studies.lab.horizon import horizon_cli
+    from multitoken.studies.lab.icl import icl_cli
+    from multitoken.studies.lab.induction_heads import induction_heads_cli
+    from multitoken.studies.lab.mutual_information import mutual_information_cli
+    from multitoken.studies.lab.surprisal import surprisal_cli
+    from multitoken.studies.lab.tasks import tasks_cli
+    from multitoken.studies.lab.think import think_cli
+    from multitoken.studies.paper.bytes_level import bytes_experiment
+    from multitoken.studies.paper.induction import induction
+    from multitoken.studies.paper.nsweep import nsweep
+    from multitoken.studies.paper.polynomial import polynomial
+    from multitoken.studies.scaling.from_csv import scaling_fit
+    from multitoken.studies.scaling.grid import scaling_run_cli
+
+    return [
+        (("experiment", "bytes"), bytes_experiment, {}),
+        (("experiment", "induction"), induction, {}),
+        (("experiment", "nsweep"), nsweep, {}),
+        (("experiment", "polynomial"), polynomial, {}),
+        (("lab", "tasks"), tasks_cli, {}),
+        (("lab", "surprisal"), surprisal_cli, {}),
+        (("lab", "induction-heads"), induction_heads_cli, {}),
+        (("lab", "think"), think_cli, {}),
+        (("lab", "icl"), icl_cli, {}),
+        (("lab", "emergence"), emergence_cli, {}),
+        (("lab", "mutual-information"), mutual_information_cli, {}),
+        (("lab", "choice-points"), choice_points_cli, {}),
+        (("lab", "horizon"), horizon_cli, {}),
+        (("lab", "scaling", "fit"), scaling_fit, {"positional": ("csv",)}),
+        (("lab", "scaling", "run"), scaling_run_cli, {}),
+    ]

@@ -1,0 +1,1 @@
+"""Synthetic corpora and probe sets of the studies: stories with names, polynomials, ICL tasks, probes."""
