@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
-from common import sync
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from multitoken.config import preset_config
@@ -29,6 +27,7 @@ from multitoken.draft_tree import DraftTree, measure_rank_accuracy, sparse_tree
 from multitoken.generate import cache_length, generate
 from multitoken.model import Attention, MultiTokenLM
 from multitoken.speculative import draft_depth
+from multitoken.studies import measure
 
 
 def parse_args() -> argparse.Namespace:
@@ -123,16 +122,13 @@ def read_prompt_texts(args) -> list[str]:
     return code_prompts(args.code_prompts_from, max(int(b) for b in args.batch_sizes.split(",")))
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 """`--clock cpu` times this process's CPU use (with one thread: its own work, not other jobs')."""
 
 
 def timed(fn, device: str, clock: str = "wall"):
-    sync(device)
-    start = CLOCKS[clock]()
-    out = fn()
-    sync(device)
-    return CLOCKS[clock]() - start, out
+    """(seconds on `clock`, wall or cpu, result) of one call of `fn`."""
+    wall, cpu, out = measure.timed(fn, device)
+    return (wall if clock == "wall" else cpu), out
 
 
 def decoders(args, model) -> dict[str, dict]:

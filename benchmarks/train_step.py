@@ -26,27 +26,28 @@ import argparse
 import gc
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import (
-    Timings,
-    interleaved_times,
-    machine_description,
-    markdown_table,
-    median,
-    paired_ratio,
-    today,
-)
+from common import machine_description, markdown_table, today
 
 from multitoken.config import ModelConfig, preset_config
 from multitoken.devices import resolve_device
 from multitoken.loss import multi_token_backward
 from multitoken.model import MultiTokenLM
+from multitoken.studies.measure import (
+    Timings,
+    current_memory_mib,
+    interleaved_times,
+    paired_ratio,
+    peak_memory_mib,
+    reset_peak_memory,
+    sync,
+)
 
 ALL_BENCHMARKS = ("memory", "time", "hf", "throughput")
 # (name, n_future, memory_efficient) for the memory benchmark.
@@ -130,8 +131,8 @@ def timing_rows(times: dict[str, Timings]) -> list[list[object]]:
     return [
         [
             name,
-            f"{1000 * median(t.wall_s):.0f}",
-            f"{1000 * median(t.cpu_s):.0f}",
+            f"{1000 * statistics.median(t.wall_s):.0f}",
+            f"{1000 * statistics.median(t.cpu_s):.0f}",
             f"{1000 * min(t.wall_s):.0f}-{1000 * max(t.wall_s):.0f}",
         ]
         for name, t in times.items()
@@ -213,21 +214,6 @@ def flops_per_token(model: MultiTokenLM) -> int:
 # ---- memory ------------------------------------------------------------------------------------------
 
 
-def _rss_bytes() -> int:
-    """Current resident set size (Linux /proc); 0 where unknown."""
-    try:
-        with open("/proc/self/statm", encoding="utf-8") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def _peak_rss_bytes() -> int:
-    """The process's high-water mark of resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def memory_worker(args: argparse.Namespace) -> dict:
     """Run in a fresh process: peak memory one step adds, over the model and a short warm-up step.
 
@@ -243,17 +229,14 @@ def memory_worker(args: argparse.Namespace) -> dict:
     gc.collect()
     tokens_BT = random_tokens(args.vocab_size, args.batch_size, args.seq_len, args.device, args.seed)
     step = ours_step(model, tokens_BT, args, spec["me"])
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - base, "fresh_peak": True}
-    base, high_water_before = _rss_bytes() or _peak_rss_bytes(), _peak_rss_bytes()
+    device = torch.device(args.device)
+    sync(device)
+    reset_peak_memory(device)
+    base_mib, high_water_before_mib = current_memory_mib(device), peak_memory_mib(device)
     step()
-    peak = _peak_rss_bytes()
-    return {"peak_bytes": peak - base, "fresh_peak": peak > high_water_before}
+    sync(device)
+    peak_mib = peak_memory_mib(device)
+    return {"peak_bytes": (peak_mib - base_mib) * 2**20, "fresh_peak": peak_mib > high_water_before_mib}
 
 
 def run_memory_variant(args: argparse.Namespace, n_future: int, memory_efficient: bool) -> dict:
@@ -314,8 +297,11 @@ def bench_time(args: argparse.Namespace) -> dict:
     }
     times = interleaved_times(fns, args.repeats, args.device)
     clock = ratio_clock(args)
-    n1_s, n4_s = median(times["n=1"].seconds(clock)), median(times["n=4"].seconds(clock))
-    unembedding_s = median(times["unembedding+CE, one head"].seconds(clock))
+    n1_s, n4_s = (
+        statistics.median(times["n=1"].seconds(clock)),
+        statistics.median(times["n=4"].seconds(clock)),
+    )
+    unembedding_s = statistics.median(times["unembedding+CE, one head"].seconds(clock))
     ratio = paired_ratio(times["n=4"].seconds(clock), times["n=1"].seconds(clock))
     flop_ratio = flops_per_token(models[4]) / flops_per_token(models[1])
     explained = (3 * unembedding_s) / (n4_s - n1_s)
@@ -412,8 +398,8 @@ def bench_throughput(args: argparse.Namespace) -> dict:
     times = interleaved_times(fns, args.repeats, args.device, warmup=2 if args.compile else 1)
     rows, results = [], {}
     for n, model in models.items():
-        wall_tok_s = batch * seq_len / median(times[f"n={n}"].wall_s)
-        cpu_tok_s = batch * seq_len / median(times[f"n={n}"].cpu_s)
+        wall_tok_s = batch * seq_len / statistics.median(times[f"n={n}"].wall_s)
+        cpu_tok_s = batch * seq_len / statistics.median(times[f"n={n}"].cpu_s)
         flops = flops_per_token(model)
         mfu = flops * wall_tok_s / (args.peak_tflops * 1e12) if args.peak_tflops else None
         results[f"n={n}"] = {

@@ -62,7 +62,15 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
-    """The string literal under each annotated field of a class (the convention of our configs)."""
+    """The string literal under each annotated field of a class and of its bases (the convention of our
+    configs); a subclass's literal wins, a subclass field without one keeps its base's."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        docs |= _own_attribute_docs(klass)
+    return docs
+
+
+def _own_attribute_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
@@ -256,6 +264,8 @@ def _describe(parser: argparse.ArgumentParser, command: Command) -> None:
         for f in dataclasses.fields(cls):
             if cls is not command.config_cls and f.name == "vocab_size":
                 continue  # comes from the data
+            if f.metadata.get("flag") is False:
+                continue  # set by the program, not the user
             text = docs.get(f.name, "")
             if cls is not command.config_cls and f.name in preset_fields:
                 text += " (default: set by --preset)"

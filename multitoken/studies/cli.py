@@ -7,15 +7,16 @@ from typing import Any
 
 
 def study_commands() -> list[tuple[tuple[str, ...], Callable[..., Any], dict[str, Any]]]:
-    """(command path, function, Command options) of every study; the functions' parameters are the flags."""
-    from multitoken.studies.lab.choice_points import choice_points_cli
+    """(command path, function, Command fields) of every study: the flags are the fields of the
+    function's options dataclass (`config_cls`), or else the function's parameters."""
+    from multitoken.studies.lab.choice_points import ChoicePointsOptions, choice_points_cli
     from multitoken.studies.lab.emergence import emergence_cli
-    from multitoken.studies.lab.horizon import horizon_cli
+    from multitoken.studies.lab.horizon import HorizonOptions, horizon_cli
     from multitoken.studies.lab.icl import icl_cli
-    from multitoken.studies.lab.induction_heads import induction_heads_cli
-    from multitoken.studies.lab.mutual_information import mutual_information_cli
-    from multitoken.studies.lab.surprisal import surprisal_cli
-    from multitoken.studies.lab.tasks import tasks_cli
+    from multitoken.studies.lab.induction_heads import InductionHeadsOptions, induction_heads_cli
+    from multitoken.studies.lab.mutual_information import MutualInformationOptions, mutual_information_cli
+    from multitoken.studies.lab.surprisal import SurprisalOptions, surprisal_cli
+    from multitoken.studies.lab.tasks import TasksOptions, tasks_cli
     from multitoken.studies.lab.think import think_cli
     from multitoken.studies.paper.bytes_level import bytes_experiment
     from multitoken.studies.paper.induction import induction
@@ -29,15 +30,15 @@ def study_commands() -> list[tuple[tuple[str, ...], Callable[..., Any], dict[str
         (("experiment", "induction"), induction, {}),
         (("experiment", "nsweep"), nsweep, {}),
         (("experiment", "polynomial"), polynomial, {}),
-        (("lab", "tasks"), tasks_cli, {}),
-        (("lab", "surprisal"), surprisal_cli, {}),
-        (("lab", "induction-heads"), induction_heads_cli, {}),
+        (("lab", "tasks"), tasks_cli, {"config_cls": TasksOptions}),
+        (("lab", "surprisal"), surprisal_cli, {"config_cls": SurprisalOptions}),
+        (("lab", "induction-heads"), induction_heads_cli, {"config_cls": InductionHeadsOptions}),
         (("lab", "think"), think_cli, {}),
         (("lab", "icl"), icl_cli, {}),
         (("lab", "emergence"), emergence_cli, {}),
-        (("lab", "mutual-information"), mutual_information_cli, {}),
-        (("lab", "choice-points"), choice_points_cli, {}),
-        (("lab", "horizon"), horizon_cli, {}),
+        (("lab", "mutual-information"), mutual_information_cli, {"config_cls": MutualInformationOptions}),
+        (("lab", "choice-points"), choice_points_cli, {"config_cls": ChoicePointsOptions}),
+        (("lab", "horizon"), horizon_cli, {"config_cls": HorizonOptions}),
         (("lab", "scaling", "fit"), scaling_fit, {"positional": ("csv",)}),
         (("lab", "scaling", "run"), scaling_run_cli, {}),
     ]

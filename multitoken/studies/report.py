@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,30 +23,25 @@ from typing import Any
 
 import torch
 
+from multitoken.studies.measure import cpu_model_name
+
 
 def machine_description() -> str:
     """One line naming the machine: CPU model and cores, GPU if any, torch version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    parts = [f"{cpu}, {os.cpu_count()} cores"]
+    parts = [f"{cpu_model_name()}, {os.cpu_count()} cores"]
     if torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name(0))
     parts.append(f"torch {torch.__version__}, Python {platform.python_version()}")
     return "; ".join(parts)
 
 
-def format_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A markdown table; floats get 4 significant digits."""
+def rounded(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, anything else as str()."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    def cell(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
 
+def format_table(header: list[str], rows: list[list[Any]], cell: Callable[[Any], str] = rounded) -> str:
+    """A markdown table of `cell(value)` for every value (default: floats to 4 significant digits)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

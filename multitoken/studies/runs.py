@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -271,29 +271,36 @@ LAB_SCALES: dict[str, LabScale] = {
 meant for a GPU (untested on CPU beyond a smoke run)."""
 
 
+NOT_A_FLAG = {"flag": False}
+"""Field metadata of an options field that the command line does not offer (see `multitoken.cli`)."""
+
+
 @dataclass
 class LabOptions:
-    """What every lab experiment takes: where to write, what to train or read, and on which data."""
+    """What every lab study takes: where to write, what to train or read, and on which data.
 
-    out: str
-    """Report directory; trained runs and prepared data go under it too."""
-    scale: str = "debug"
-    """debug (seconds), small (minutes on a CPU) or medium (a GPU)."""
+    Each study's command subclasses it with its own report directory and flags; the fields are the flags.
+    """
+
+    out: str = "reports/lab"
+    """Report directory (trained runs and prepared data go under it too)."""
+    scale: Literal["debug", "small", "medium"] = "small"
+    """debug (seconds), small (minutes on a CPU) or medium (~50M tokens per model, for a GPU)."""
     checkpoint: str | None = None
-    """Read this checkpoint or run directory instead of training."""
+    """Measure this checkpoint or run directory (all its checkpoints) instead of training."""
     data: str | None = None
-    """Prepared data directory to evaluate (and train) on; default: prepare `source`."""
+    """Prepared data directory to train and evaluate on (default: prepare --source)."""
     source: str | None = None
-    """Corpus to prepare when `data` is not given (default per experiment)."""
+    """Corpus to prepare: python-stdlib, pydoc-english (offline English) or a path (default: the study's)."""
     n_future: list[int] = field(default_factory=lambda: [1, 2])
-    """Models to train side by side, one per number of heads."""
+    """Models to train side by side, one per number of heads, e.g. 1,2."""
     seed: int = 0
     """Seed of initialisation and data order (the same for every model)."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto."""
     progress: bool = True
     """Show progress bars."""
-    command: list[str] | None = None
+    command: list[str] | None = field(default=None, metadata=NOT_A_FLAG)
     """The command line to record in the report (default: this process's arguments)."""
 
     def __post_init__(self) -> None:
@@ -305,6 +312,13 @@ class LabOptions:
     @property
     def sizes(self) -> LabScale:
         return LAB_SCALES[self.scale]
+
+    def recorded(self, path: tuple[str, ...]) -> LabOptions:
+        """These options with `command` set to the `multitoken PATH ...` line that reproduces them."""
+        defaults, flags = type(self)(), [f.name for f in dataclasses.fields(self) if f.metadata != NOT_A_FLAG]
+        values = {name: getattr(self, name) for name in flags}
+        line = flags_line(path, values, {name: getattr(defaults, name) for name in flags})
+        return dataclasses.replace(self, command=line)
 
 
 @dataclass
@@ -328,12 +342,17 @@ class LabRun:
         return [s for s, _ in self.checkpoints]
 
 
-def command_line(path: tuple[str, ...], function, values: dict[str, Any]) -> list[str]:
+def command_line(path: tuple[str, ...], function: Any, values: dict[str, Any]) -> list[str]:
     """The `multitoken ...` command reproducing a call of a CLI function (flags only where not default)."""
+    defaults = {name: p.default for name, p in inspect.signature(function).parameters.items()}
+    return flags_line(path, {name: values[name] for name in defaults}, defaults)
+
+
+def flags_line(path: tuple[str, ...], values: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """`multitoken PATH --flag value ...` for every value that differs from its default."""
     argv = ["multitoken", *path]
-    for name, param in inspect.signature(function).parameters.items():
-        value = values[name]
-        if value == param.default:
+    for name, value in values.items():
+        if value == defaults.get(name, inspect.Parameter.empty):
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

@@ -19,8 +19,8 @@ Dimension legend: B batch (windows), T positions, N heads, V vocabulary, D model
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -189,43 +189,36 @@ def _answer(results: dict) -> str:
     return "; ".join(parts) + "."
 
 
-def choice_points_cli(
-    out: str = "reports/lab/choice-points",
-    scale: Literal["debug", "small", "medium"] = "small",
-    checkpoint: str | None = None,
-    data: str | None = None,
-    source: str | None = None,
-    n_future: int = 4,
-    high_quantile: float = 0.8,
-    low_quantile: float = 0.5,
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-) -> None:
+@dataclass
+class ChoicePointsOptions(study.LabOptions):
+    """Flags of `multitoken lab choice-points`."""
+
+    out: str = "reports/lab/choice-points"
+    n_future: list[int] = field(default_factory=lambda: [4])
+    """Heads of the model trained here, at least 2 (ignored with --checkpoint)."""
+    high_quantile: float = 0.8
+    """Entropy quantile at or above which the next token is uncertain."""
+    low_quantile: float = 0.5
+    """Entropy quantile at or below which the token after it is settled."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.low_quantile <= self.high_quantile < 1:
+            raise UserError(
+                f"need 0 < low-quantile <= high-quantile < 1, got {self.low_quantile} and {self.high_quantile}"
+            )
+        if len(self.n_future) != 1 or self.n_future[0] < 2:
+            raise UserError(
+                f"n-future must be one number, at least 2 to compare with next-token loss, got {self.n_future}"
+            )
+
+
+def choice_points_cli(options: ChoicePointsOptions) -> None:
     """§5.1 choice points: the share of next-token vs n-token loss and gradient that they carry.
 
     Trains an n-head model unless --checkpoint is given (any model with parallel heads and n >= 2),
     marks choice points from its next-token entropy, and writes report.md, results.json and a plot.
-
-    Args:
-        out: report directory (trained runs and prepared data go under it too).
-        scale: debug (seconds), small (minutes on a CPU) or medium (a GPU).
-        checkpoint: measure this checkpoint or run directory instead of training.
-        data: prepared data directory to train and evaluate on (default: prepare --source).
-        source: corpus to prepare: pydoc-english (offline English, the default), python-stdlib, or a path.
-        n_future: heads of the model trained here (ignored with --checkpoint).
-        high_quantile: entropy quantile at or above which the next token is uncertain.
-        low_quantile: entropy quantile at or below which the token after it is settled.
-        seed: seed of initialisation and data order.
-        device: cpu, cuda, cuda:N or auto.
-        progress: show progress bars.
+    The default corpus is pydoc-english.
     """
-    if not 0 < low_quantile <= high_quantile < 1:
-        raise UserError(f"need 0 < low-quantile <= high-quantile < 1, got {low_quantile} and {high_quantile}")
-    if n_future < 2:
-        raise UserError(f"n-future must be at least 2 to compare with next-token loss, got {n_future}")
-    command = study.command_line(("lab", "choice-points"), choice_points_cli, locals())
-    options = study.LabOptions(
-        out, scale, checkpoint, data, source, [n_future], seed, device, progress, command
-    )
-    print(f"wrote {run_choice_points(options, (low_quantile, high_quantile))}")
+    options = options.recorded(("lab", "choice-points"))
+    print(f"wrote {run_choice_points(options, (options.low_quantile, options.high_quantile))}")

@@ -16,8 +16,8 @@ Dimension legend: P positions (probe examples), D model width, V vocabulary, S s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -226,42 +226,34 @@ def _answer(results: dict, ks: list[int]) -> str:
     return "; ".join(parts) + ". What is left far ahead is topic: which tokens this file or page uses."
 
 
-def horizon_cli(
-    out: str = "reports/lab/horizon",
-    scale: Literal["debug", "small", "medium"] = "small",
-    checkpoint: str | None = None,
-    data: str | None = None,
-    source: str | None = None,
-    max_k: int = 512,
-    tokens: int = 65536,
-    probe_steps: int = 300,
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-) -> None:
+@dataclass
+class HorizonOptions(study.LabOptions):
+    """Flags of `multitoken lab horizon`."""
+
+    out: str = "reports/lab/horizon"
+    n_future: list[int] = field(default_factory=lambda: [1], metadata=study.NOT_A_FLAG)
+    """One next-token model."""
+    max_k: int = 512
+    """The farthest horizon; k runs over the powers of two up to it."""
+    tokens: int = 65536
+    """Tokens of each split read (probe training on train, scoring on val)."""
+    probe_steps: int = 300
+    """AdamW steps per probe."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tokens < 2:
+            raise UserError(f"tokens must be at least 2, got {self.tokens}")
+        if self.probe_steps < 1:
+            raise UserError(f"probe-steps must be at least 1, got {self.probe_steps}")
+        horizons(self.max_k)
+
+
+def horizon_cli(options: HorizonOptions) -> None:
     """Predictability of the token k ahead (k = 1, 2, 4, ..., max-k) from a frozen trunk, vs unigram entropy.
 
     Trains a next-token model unless --checkpoint is given, fits one light probe per k on the frozen trunk's
     output, and writes report.md, results.json and a plot of loss against k with the unigram baseline.
-
-    Args:
-        out: report directory (trained runs and prepared data go under it too).
-        scale: debug (seconds), small (minutes on a CPU) or medium (a GPU).
-        checkpoint: probe this checkpoint or run directory instead of training.
-        data: prepared data directory (default: prepare --source).
-        source: corpus to prepare: python-stdlib (the default), pydoc-english, or a path.
-        max_k: the farthest horizon; k runs over the powers of two up to it.
-        tokens: tokens of each split read (probe training on train, scoring on val).
-        probe_steps: AdamW steps per probe.
-        seed: seed of initialisation and data order.
-        device: cpu, cuda, cuda:N or auto.
-        progress: show progress bars.
     """
-    if tokens < 2:
-        raise UserError(f"tokens must be at least 2, got {tokens}")
-    if probe_steps < 1:
-        raise UserError(f"probe-steps must be at least 1, got {probe_steps}")
-    horizons(max_k)
-    command = study.command_line(("lab", "horizon"), horizon_cli, locals())
-    options = study.LabOptions(out, scale, checkpoint, data, source, [1], seed, device, progress, command)
-    print(f"wrote {run_horizon(options, max_k, tokens, probe_steps)}")
+    options = options.recorded(("lab", "horizon"))
+    print(f"wrote {run_horizon(options, options.max_k, options.tokens, options.probe_steps)}")

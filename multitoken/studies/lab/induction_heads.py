@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -553,40 +552,25 @@ def _when(step: int | None) -> str:
     return "never" if step is None else f"by step {step}"
 
 
-def induction_heads_cli(
-    out: str = "reports/lab/induction-heads",
-    scale: Literal["debug", "small", "medium"] = "small",
-    checkpoint: str | None = None,
-    data: str | None = None,
-    source: str | None = None,
-    one_layer_control: bool = True,
-    n_future: list[int] | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-) -> None:
+@dataclass
+class InductionHeadsOptions(study.LabOptions):
+    """Flags of `multitoken lab induction-heads`."""
+
+    out: str = "reports/lab/induction-heads"
+    seed: int = 0
+    """Seed of initialisation, data order and the random sequences."""
+    one_layer_control: bool = True
+    """Also train a 1-layer model, which cannot form induction heads."""
+
+
+def induction_heads_cli(options: InductionHeadsOptions) -> None:
     """Induction heads and in-context learning: per-head prefix-matching and ICL scores over training.
 
     Trains n=1 and n=2 models and a 1-layer control (same seed and budget, every checkpoint kept) unless
     --checkpoint is given, then measures every checkpoint and writes report.md, PNGs and results.json.
-
-    Args:
-        out: report directory (trained runs and prepared data go under it too).
-        scale: debug (seconds), small (minutes on a CPU) or medium (~50M tokens per model, for a GPU).
-        checkpoint: measure this checkpoint or run directory (all its checkpoints) instead of training.
-        data: prepared data directory to train and evaluate on (default: prepare --source).
-        source: corpus to prepare: python-stdlib, pydoc-english (offline English), or a path.
-        one_layer_control: also train a 1-layer model, which cannot form induction heads.
-        n_future: models to train side by side, e.g. 1,2 (default: 1,2).
-        seed: seed of initialisation, data order and the random sequences.
-        device: cpu, cuda, cuda:N or auto.
-        progress: show progress bars.
     """
-    command = study.command_line(("lab", "induction-heads"), induction_heads_cli, locals())
-    options = study.LabOptions(
-        out, scale, checkpoint, data, source, n_future or [1, 2], seed, device, progress, command
-    )
-    print(f"wrote {run_induction_heads(options, one_layer_control and not checkpoint)}")
+    options = options.recorded(("lab", "induction-heads"))
+    print(f"wrote {run_induction_heads(options, options.one_layer_control and not options.checkpoint)}")
 
 
 __all__ = [

@@ -20,8 +20,8 @@ Dimension legend: B batch (windows), T positions, V vocabulary, K Markov states.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -202,32 +202,21 @@ def _answer(results: dict[str, dict]) -> str:
     )
 
 
-def mutual_information_cli(
-    out: str = "reports/lab/mutual-information",
-    scale: Literal["debug", "small", "medium"] = "small",
-    checkpoint: str | None = None,
-    data: str | None = None,
-    source: str | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-) -> None:
+@dataclass
+class MutualInformationOptions(study.LabOptions):
+    """Flags of `multitoken lab mutual-information`."""
+
+    out: str = "reports/lab/mutual-information"
+    n_future: list[int] = field(default_factory=lambda: [2], metadata=study.NOT_A_FLAG)
+    """One 2-head model."""
+
+
+def mutual_information_cli(options: MutualInformationOptions) -> None:
     """§5.2 made concrete: H(X), H(Y), H(Y|X), I(X;Y) and H(X|Y) of a 2-head model, and how the losses weight them.
 
     Trains a 2-head model unless --checkpoint is given (any model whose first heads predict t+1 and t+2),
     estimates the terms as cross-entropies on validation windows, and writes report.md, results.json and
-    a plot to --out.
-
-    Args:
-        out: report directory (trained runs and prepared data go under it too).
-        scale: debug (seconds), small (minutes on a CPU) or medium (a GPU).
-        checkpoint: measure this checkpoint or run directory instead of training.
-        data: prepared data directory to train and evaluate on (default: prepare --source).
-        source: corpus to prepare: pydoc-english (offline English, the default), python-stdlib, or a path.
-        seed: seed of initialisation and data order.
-        device: cpu, cuda, cuda:N or auto.
-        progress: show progress bars.
+    a plot to --out. The default corpus is pydoc-english.
     """
-    command = study.command_line(("lab", "mutual-information"), mutual_information_cli, locals())
-    options = study.LabOptions(out, scale, checkpoint, data, source, [2], seed, device, progress, command)
+    options = options.recorded(("lab", "mutual-information"))
     print(f"wrote {run_mutual_information(options)}")

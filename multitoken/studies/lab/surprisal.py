@@ -13,7 +13,7 @@ import html
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -348,43 +348,26 @@ def _answer(runs, results, n_tokens: int) -> str:
     return " ".join(parts)
 
 
-def surprisal_cli(
-    out: str = "reports/lab/surprisal",
-    scale: Literal["debug", "small", "medium"] = "small",
-    checkpoint: str | None = None,
-    text: str | None = None,
-    data: str | None = None,
-    source: str | None = None,
-    show_tokens: int = 300,
-    n_future: list[int] | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-) -> None:
+@dataclass
+class SurprisalOptions(study.LabOptions):
+    """Flags of `multitoken lab surprisal`."""
+
+    out: str = "reports/lab/surprisal"
+    text: str | None = None
+    """A UTF-8 text file to score (default: a slice of the validation split)."""
+    show_tokens: int = 300
+    """Tokens drawn in the PNG strip chart."""
+
+
+def surprisal_cli(options: SurprisalOptions) -> None:
     """Tokens carry very different information: per-token surprisal and entropy, as HTML and plots.
 
     Trains an n=1 and an n=2 model unless --checkpoint is given, scores a text (--text FILE, or a
     validation slice) token by token in bits, and writes coloured HTML pages, PNGs, report.md and
     results.json to --out.
-
-    Args:
-        out: report directory (trained runs and prepared data go under it too).
-        scale: debug (seconds), small (minutes on a CPU) or medium (~50M tokens per model, for a GPU).
-        checkpoint: score with this checkpoint or run directory instead of training.
-        text: a UTF-8 text file to score (default: a slice of the validation split).
-        data: prepared data directory to train and evaluate on (default: prepare --source).
-        source: corpus to prepare: python-stdlib, pydoc-english (offline English), or a path.
-        show_tokens: tokens drawn in the PNG strip chart.
-        n_future: models to train side by side, e.g. 1,2 (default: 1,2).
-        seed: seed of initialisation and data order.
-        device: cpu, cuda, cuda:N or auto.
-        progress: show progress bars.
     """
-    command = study.command_line(("lab", "surprisal"), surprisal_cli, locals())
-    options = study.LabOptions(
-        out, scale, checkpoint, data, source, n_future or [1, 2], seed, device, progress, command
-    )
-    print(f"wrote {run_surprisal(options, text, show_tokens)}")
+    options = options.recorded(("lab", "surprisal"))
+    print(f"wrote {run_surprisal(options, options.text, options.show_tokens)}")
 
 
 __all__ = ["TextSurprisal", "render_html", "run_surprisal", "score_text", "surprisal_cli", "top_share"]

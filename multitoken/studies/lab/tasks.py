@@ -403,44 +403,29 @@ def _answer(runs, curves, finals, probe_results, present: list[int], domain: str
     return " ".join(parts)
 
 
-def tasks_cli(
-    out: str = "reports/lab/tasks",
-    scale: Literal["debug", "small", "medium"] = "small",
-    checkpoint: str | None = None,
-    data: str | None = None,
-    source: str | None = None,
-    domain: Literal["auto", "code", "text"] = "auto",
-    probes: str | None = None,
-    n_future: list[int] | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-) -> None:
+@dataclass
+class TasksOptions(study.LabOptions):
+    """Flags of `multitoken lab tasks`."""
+
+    out: str = "reports/lab/tasks"
+    source: str | None = None
+    """Corpus to prepare: python-stdlib, pydoc-english (offline English), or a path (default: by --domain)."""
+    domain: Literal["auto", "code", "text"] = "auto"
+    """code or text tagger; auto guesses from the source."""
+    probes: str | None = None
+    """Extra minimal-pair probes, a JSONL file of {"family", "prefix", "correct", "distractor"}."""
+
+
+def tasks_cli(options: TasksOptions) -> None:
     """Next-token prediction is massively multi-task: loss by kind of token, across training and heads.
 
     Trains an n=1 and an n=2 model (same seed and budget, every checkpoint kept) unless --checkpoint is
     given, tags every validation target with its kind (code: keyword, identifier seen/new, operator,
     whitespace, number, string, comment; text: punctuation, function word, name, repeated word, number),
     and writes report.md, PNG plots and results.json to --out.
-
-    Args:
-        out: report directory (trained runs and prepared data go under it too).
-        scale: debug (seconds), small (minutes on a CPU) or medium (~50M tokens per model, for a GPU).
-        checkpoint: evaluate this checkpoint or run directory (all its checkpoints) instead of training.
-        data: prepared data directory to train and evaluate on (default: prepare --source).
-        source: corpus to prepare: python-stdlib, pydoc-english (offline English), or a path.
-        domain: code or text tagger; auto guesses from the source.
-        probes: extra minimal-pair probes, a JSONL file of {"family", "prefix", "correct", "distractor"}.
-        n_future: models to train side by side, e.g. 1,2 (default: 1,2).
-        seed: seed of initialisation and data order.
-        device: cpu, cuda, cuda:N or auto.
-        progress: show progress bars.
     """
-    command = study.command_line(("lab", "tasks"), tasks_cli, locals())
-    options = study.LabOptions(
-        out, scale, checkpoint, data, source, n_future or [1, 2], seed, device, progress, command
-    )
-    path = run_tasks(options, domain, probes)
+    options = options.recorded(("lab", "tasks"))
+    path = run_tasks(options, options.domain, options.probes)
     print(f"wrote {path}")
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from multitoken.studies.paper.code_runs import CodeScale, prepare_code, run_code_variant
+from multitoken.studies.paper.code_runs import CodeScale, run_code_study
 from multitoken.studies.report import Report
-from multitoken.studies.runs import pick_scale, print_table, resolve_device
+from multitoken.studies.runs import print_table
 
 N_FUTURE = (1, 8)
 """Heads compared."""
@@ -44,13 +44,7 @@ def bytes_experiment(
         device: cpu, cuda, cuda:N or auto.
         corpus: code corpus: python-stdlib, or a directory, glob or file.
     """
-    preset = pick_scale(scale, SCALES)
-    device = resolve_device(device)
-    root = Path(out)
-    data = prepare_code(root, corpus, "byte", preset, seed)
-    results = {}
-    for n in N_FUTURE:
-        results[f"n{n}"] = run_code_variant(root, data, preset, n, seed, device, progress=scale != "debug")
+    root, preset, results = run_code_study(out, scale, SCALES, "byte", N_FUTURE, seed, device, corpus)
     _write_report(root, scale, preset, results)
     return results
 

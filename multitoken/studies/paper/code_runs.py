@@ -12,11 +12,7 @@ from multitoken.data.loader import TokenDataset
 from multitoken.data.shards import PrepareConfig, prepare
 from multitoken.evals.perplexity import evaluate_loss
 from multitoken.studies.paper.decoding import held_out_prompts, measure_speculative
-from multitoken.studies.runs import (
-    ModelBudget,
-    median_step_seconds,
-    run_stats,
-)
+from multitoken.studies.runs import ModelBudget, median_step_seconds, pick_scale, resolve_device, run_stats
 
 
 @dataclass(kw_only=True)
@@ -84,3 +80,19 @@ def run_code_variant(
         "peak_memory_increase_mib": stats.get("peak_memory_increase_mib", float("nan")),
         "speculative": dataclasses.asdict(spec),
     }
+
+
+def run_code_study(
+    out: str, scale: str, scales: dict[str, CodeScale], tokenizer: str, n_futures: tuple[int, ...], seed: int,
+    device: str, corpus: str,
+) -> tuple[Path, CodeScale, dict[str, dict[str, Any]]]:  # fmt: skip
+    """Prepare the corpus with `tokenizer` and train and measure one model per n; (root, preset, results)."""
+    preset = pick_scale(scale, scales)
+    device = resolve_device(device)
+    root = Path(out)
+    data = prepare_code(root, corpus, tokenizer, preset, seed)
+    results = {
+        f"n{n}": run_code_variant(root, data, preset, n, seed, device, progress=scale != "debug")
+        for n in n_futures
+    }
+    return root, preset, results

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from multitoken.studies.paper.code_runs import CodeScale, prepare_code, run_code_variant
+from multitoken.studies.paper.code_runs import CodeScale, run_code_study
 from multitoken.studies.report import Report
-from multitoken.studies.runs import pick_scale, print_table, resolve_device
+from multitoken.studies.runs import print_table, resolve_device
 
 N_FUTURE = (1, 2, 4, 6, 8)
 """Heads swept."""
@@ -44,15 +44,8 @@ def nsweep(
         device: cpu, cuda, cuda:N or auto.
         corpus: code corpus: python-stdlib, or a directory, glob or file.
     """
-    preset = pick_scale(scale, SCALES)
-    device = resolve_device(device)
-    root = Path(out)
-    data = prepare_code(root, corpus, "bpe", preset, seed)
-    results = {
-        f"n{n}": run_code_variant(root, data, preset, n, seed, device, progress=scale != "debug")
-        for n in N_FUTURE
-    }
-    _write_report(root, scale, preset, results, device)
+    root, preset, results = run_code_study(out, scale, SCALES, "bpe", N_FUTURE, seed, device, corpus)
+    _write_report(root, scale, preset, results, resolve_device(device))
     return results
 
 
