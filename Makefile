@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	else \
 		python3 -m venv $(VENV) && $(VENV)/bin/pip install --quiet torch==2.13.0; \
 	fi
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -e '.[all,dev]'
 	touch $@
 
 demo: $(STAMP)
