@@ -254,7 +254,11 @@ def _describe(parser: argparse.ArgumentParser, command: Command) -> None:
             add_argument(parser, name, hints.get(name, str), text, required=required)
         return
     parser.add_argument(
-        "--config", dest="__config", default=None, metavar="FILE.yaml", help="YAML file of fields"
+        "--config",
+        dest="__config",
+        default=None,
+        metavar="FILE.yaml",
+        help="read flags from a YAML file of `flag_name: value` lines; flags given here win",
     )
     from multitoken.config import PRESETS
 

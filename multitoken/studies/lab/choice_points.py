@@ -214,7 +214,7 @@ class ChoicePointsOptions(study.LabOptions):
 
 
 def choice_points_cli(options: ChoicePointsOptions) -> None:
-    """§5.1 choice points: the share of next-token vs n-token loss and gradient that they carry.
+    """Choice points (paper §5.1): the share of next-token vs n-token loss and gradient they carry.
 
     Trains an n-head model unless --checkpoint is given (any model with parallel heads and n >= 2),
     marks choice points from its next-token entropy, and writes report.md, results.json and a plot.

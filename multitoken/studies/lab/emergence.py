@@ -21,8 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from multitoken.studies import runs as study
+from multitoken.studies.corpora.arithmetic import (
+    completion,
+    held_out_pairs,
+    prepare_format,
+    prompt,
+    train_pairs,
+)
 from multitoken.studies.lab import emergence_metrics as em
-from multitoken.studies.lab.think import completion, held_out_pairs, prepare_format, prompt, train_pairs
 from multitoken.studies.report import Report
 from multitoken.studies.runs import ModelBudget, pick_scale, print_table, resolve_device
 from multitoken.tokenizer import byte_tokenizer

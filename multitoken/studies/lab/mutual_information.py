@@ -212,7 +212,7 @@ class MutualInformationOptions(study.LabOptions):
 
 
 def mutual_information_cli(options: MutualInformationOptions) -> None:
-    """§5.2 made concrete: H(X), H(Y), H(Y|X), I(X;Y) and H(X|Y) of a 2-head model, and how the losses weight them.
+    """What 2-token prediction weighs: H(X), H(Y), H(Y|X), I(X;Y) and H(X|Y) of a 2-head model (paper §5.2).
 
     Trains a 2-head model unless --checkpoint is given (any model whose first heads predict t+1 and t+2),
     estimates the terms as cross-entropies on validation windows, and writes report.md, results.json and

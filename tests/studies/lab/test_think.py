@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import pytest
 
 from multitoken.cli import main
-from multitoken.studies.lab import think
-from multitoken.studies.lab.think import (
-    FORMATS,
+from multitoken.studies.corpora.arithmetic import (
     completion,
     document,
     extract_answer,
     held_out_pairs,
     train_pairs,
 )
+from multitoken.studies.lab import think
+from multitoken.studies.lab.think import FORMATS
 from multitoken.tokenizer import byte_tokenizer
 
 
