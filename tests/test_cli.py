@@ -287,11 +287,16 @@ def test_version_and_no_abbreviations(capsys):
     fails_with(capsys, ["train", "--n-futur", "2"], "unrecognized arguments: --n-futur")
 
 
-@pytest.mark.parametrize("module, extra", [("scipy", "studies"), ("matplotlib", "studies")])
-def test_a_missing_extra_is_one_line_naming_the_pip_install(module, extra, monkeypatch, tmp_path, capsys):
+def test_a_missing_extra_is_one_line_naming_the_pip_install(monkeypatch, tmp_path, capsys):
     import sys
     from pathlib import Path
 
+    from multitoken.cli import missing_extra
+
+    for name, extra in [("matplotlib.pyplot", "studies"), ("transformers", "hf"), ("lm_eval.api", "evals")]:
+        assert missing_extra(ModuleNotFoundError(name=name)) == extra
+    assert missing_extra(ModuleNotFoundError(name="multitoken.nowhere")) is None
+    module, extra = "scipy", "studies"
     for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, module, None)

@@ -97,7 +97,9 @@ def load_probes(path: str | Path) -> list[Probe]:
 def builtin_probes(domain: str) -> list[Probe]:
     """The shipped probe set for `code` or `text` (English)."""
     name = "code.jsonl" if domain == "code" else "english.jsonl"
-    text = resources.files("multitoken.studies.corpora").joinpath("probe_sets", name).read_text(encoding="utf-8")
+    text = (
+        resources.files("multitoken.studies.corpora").joinpath("probe_sets", name).read_text(encoding="utf-8")
+    )
     return parse_probes(text, f"probes/{name}")
 
 

@@ -15,6 +15,11 @@ from multitoken.studies.runs import print_table, resolve_device
 
 N_FUTURE = (1, 2, 4, 6, 8)
 """Heads swept."""
+QUESTION = (
+    "With the block count fixed, how do next-token loss, per-head accuracy, self-speculative tokens "
+    "per forward, step time and memory change as the number of heads n grows from 1 to 8?"
+)
+"""What the report answers."""
 
 SCALES = {
     "debug": CodeScale(dim=32, n_layers=8, n_heads=2, max_steps=8, batch_size=4, seq_len=64, max_documents=30,
@@ -50,14 +55,7 @@ def nsweep(
 
 
 def _write_report(root: Path, scale: str, preset: CodeScale, results: dict, device: str) -> None:
-    report = Report(
-        root,
-        title="Number of predicted tokens n on code (BPE)",
-        question=(
-            "With the block count fixed, how do next-token loss, per-head accuracy, self-speculative tokens "
-            "per forward, step time and memory change as the number of heads n grows from 1 to 8?"
-        ),
-    )
+    report = Report(root, title="Number of predicted tokens n on code (BPE)", question=QUESTION)
     rs = list(results.values())
     ns = [r["n_future"] for r in rs]
     fig, axes = report.figure(2, 2, width=5.5, height=4.0)

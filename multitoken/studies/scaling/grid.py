@@ -803,41 +803,37 @@ def write_report(
     report.add_table(*runs_table(grid), "Every run of the grid")
     meta = read_meta(data)
     trunk = {n: ModelConfig(n_layers=preset.n_layers, n_future=n).n_trunk_layers for n in N_FUTURE}
-    path = report.write(
-        answer_text(results),
-        results,
-        command=command,
-        details={
-            "scale": scale,
-            "seed": f"{seed} (initialisation and data order, the same for every run)",
-            "data": f"python-stdlib source, byte-level ({meta['vocab_size']} ids), "
-            f"{meta['splits']['train']['tokens']:,} train and {meta['splits']['val']['tokens']:,} validation bytes",
-            "models": f"widths {', '.join(map(str, preset.widths))}; {preset.n_layers} blocks in total for every "
-            f"n (parameter-matched: n=1 has a {trunk[1]}-block trunk plus one head block, n=4 a "
-            f"{trunk[4]}-block trunk plus four head blocks); {preset.n_heads} attention heads",
-            "training": f"steps {', '.join(map(str, preset.steps))} x {preset.batch_size} sequences x "
-            f"{preset.seq_len} bytes; lr {preset.lr}, 5% warmup, cosine decay to each run's own last step",
-            "metric": "the trainer's final validation (runner.final_validation): next-token (head 0) "
-            f"cross-entropy on the same {8 * preset.batch_size} fixed windows of {preset.seq_len} bytes, "
-            "evenly spread over the validation split, for every run; fitted for n=1 and n=4 alike",
-            "N, D, C": "N = non-embedding parameters (blocks and norms; token embedding and unembedding "
-            "excluded), D = steps x batch x seq_len, C = 6 N D (the extra unembeddings of n=4 not counted)",
-            "fits": f"Chinchilla: Huber (delta 1e-3) on log loss, best {preset.fit_starts} of Hoffmann's "
-            f"grid starts, {preset.bootstrap} bootstrap resamples; L(C) = a C^b + c: least squares on log "
-            "loss over the compute-efficient runs (lower envelope in C), as `lab scaling fit` does",
-            "prediction": f"{PREDICTION} written {results['prediction_file']['written_at']}, before the "
-            "held-out runs were trained"
-            + (
-                ""
-                if not results["prediction_file"]["held_out_runs_trained_before"]
-                else f" (except {', '.join(results['prediction_file']['held_out_runs_trained_before'])}, "
-                "which already existed)"
-            ),
-            "runs": f"{RUNS_CSV} (every run) and {runs_csv_of(1)} etc. (one per n); refit one n with "
-            f"`multitoken lab scaling fit {runs_csv_of(1)} --n-col non_embedding_params --d-col tokens "
-            "--loss-col loss`",
-        },
-    )
+    details = {
+        "scale": scale,
+        "seed": f"{seed} (initialisation and data order, the same for every run)",
+        "data": f"python-stdlib source, byte-level ({meta['vocab_size']} ids), "
+        f"{meta['splits']['train']['tokens']:,} train and {meta['splits']['val']['tokens']:,} validation bytes",
+        "models": f"widths {', '.join(map(str, preset.widths))}; {preset.n_layers} blocks in total for every "
+        f"n (parameter-matched: n=1 has a {trunk[1]}-block trunk plus one head block, n=4 a "
+        f"{trunk[4]}-block trunk plus four head blocks); {preset.n_heads} attention heads",
+        "training": f"steps {', '.join(map(str, preset.steps))} x {preset.batch_size} sequences x "
+        f"{preset.seq_len} bytes; lr {preset.lr}, 5% warmup, cosine decay to each run's own last step",
+        "metric": "the trainer's final validation (runner.final_validation): next-token (head 0) "
+        f"cross-entropy on the same {8 * preset.batch_size} fixed windows of {preset.seq_len} bytes, "
+        "evenly spread over the validation split, for every run; fitted for n=1 and n=4 alike",
+        "N, D, C": "N = non-embedding parameters (blocks and norms; token embedding and unembedding "
+        "excluded), D = steps x batch x seq_len, C = 6 N D (the extra unembeddings of n=4 not counted)",
+        "fits": f"Chinchilla: Huber (delta 1e-3) on log loss, best {preset.fit_starts} of Hoffmann's "
+        f"grid starts, {preset.bootstrap} bootstrap resamples; L(C) = a C^b + c: least squares on log "
+        "loss over the compute-efficient runs (lower envelope in C), as `lab scaling fit` does",
+        "prediction": f"{PREDICTION} written {results['prediction_file']['written_at']}, before the "
+        "held-out runs were trained"
+        + (
+            ""
+            if not results["prediction_file"]["held_out_runs_trained_before"]
+            else f" (except {', '.join(results['prediction_file']['held_out_runs_trained_before'])}, "
+            "which already existed)"
+        ),
+        "runs": f"{RUNS_CSV} (every run) and {runs_csv_of(1)} etc. (one per n); refit one n with "
+        f"`multitoken lab scaling fit {runs_csv_of(1)} --n-col non_embedding_params --d-col tokens "
+        "--loss-col loss`",
+    }
+    path = report.write(answer_text(results), results, command=command, details=details)
     print_table("scaling run: held-out predictions", header, rows)
     return path
 
