@@ -18,17 +18,17 @@ def study_commands() -> list[tuple[tuple[str, ...], Callable[..., Any], dict[str
     from multitoken.studies.lab.surprisal import SurprisalOptions, surprisal_cli
     from multitoken.studies.lab.tasks import TasksOptions, tasks_cli
     from multitoken.studies.lab.think import think_cli
-    from multitoken.studies.paper.bytes_level import bytes_experiment
+    from multitoken.studies.paper.bytes_level import BytesOptions, bytes_experiment
     from multitoken.studies.paper.induction import induction
-    from multitoken.studies.paper.nsweep import nsweep
+    from multitoken.studies.paper.nsweep import NsweepOptions, nsweep
     from multitoken.studies.paper.polynomial import polynomial
     from multitoken.studies.scaling.from_csv import scaling_fit
     from multitoken.studies.scaling.grid import scaling_run_cli
 
     return [
-        (("experiment", "bytes"), bytes_experiment, {}),
+        (("experiment", "bytes"), bytes_experiment, {"config_cls": BytesOptions}),
         (("experiment", "induction"), induction, {}),
-        (("experiment", "nsweep"), nsweep, {}),
+        (("experiment", "nsweep"), nsweep, {"config_cls": NsweepOptions}),
         (("experiment", "polynomial"), polynomial, {}),
         (("lab", "tasks"), tasks_cli, {"config_cls": TasksOptions}),
         (("lab", "surprisal"), surprisal_cli, {"config_cls": SurprisalOptions}),

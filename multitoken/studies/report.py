@@ -47,6 +47,14 @@ def format_table(header: list[str], rows: list[list[Any]], cell: Callable[[Any],
     return "\n".join(lines)
 
 
+def stacked_bars(ax, columns: list[str], parts: list[tuple[str, list[float], str]]) -> None:
+    """One bar per column, stacked from (label, value per column, color) segments, the first at the bottom."""
+    bottom = [0.0] * len(columns)
+    for label, values, color in parts:
+        ax.bar(columns, values, bottom=bottom, color=color, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+
+
 @dataclass
 class Report:
     """Collects plots and tables, then writes report.md and results.json into `directory`."""

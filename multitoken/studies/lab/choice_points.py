@@ -30,7 +30,7 @@ from multitoken.errors import UserError
 from multitoken.loss import IGNORE_INDEX, build_targets
 from multitoken.studies import runs as study
 from multitoken.studies import scoring
-from multitoken.studies.report import Report
+from multitoken.studies.report import Report, stacked_bars
 
 QUESTION = (
     "Do multi-token losses put more weight on choice points (uncertain tokens that settle what follows) "
@@ -163,11 +163,11 @@ def _plot(report: Report, results: dict) -> None:
             "gradient next-token",
             f"gradient {n}-token",
         ]
-        bottom = [0.0] * len(columns)
-        for k, color in zip(CLASSES, ("tab:red", "tab:orange", "0.8"), strict=True):
-            values = [100 * r[c][k] for c in columns]
-            ax.bar([c.replace(" ", "\n") for c in columns], values, bottom=bottom, color=color, label=k)
-            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        colors = ("tab:red", "tab:orange", "0.8")
+        parts = [
+            (k, [100 * r[c][k] for c in columns], color) for k, color in zip(CLASSES, colors, strict=True)
+        ]
+        stacked_bars(ax, [c.replace(" ", "\n") for c in columns], parts)
         ax.set_ylabel("share (%)")
         ax.set_title(f"{label}: who carries the loss")
         ax.legend(fontsize=8)

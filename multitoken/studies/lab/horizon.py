@@ -154,6 +154,29 @@ def horizon_losses(
     return out
 
 
+@dataclass
+class HorizonOptions(study.LabOptions):
+    """Flags of `multitoken lab horizon`."""
+
+    out: str = "reports/lab/horizon"
+    n_future: list[int] = field(default_factory=lambda: [1], metadata=study.NOT_A_FLAG)
+    """One next-token model."""
+    max_k: int = 512
+    """The farthest horizon; k runs over the powers of two up to it."""
+    tokens: int = 65536
+    """Tokens of each split read (probe training on train, scoring on val)."""
+    probe_steps: int = 300
+    """AdamW steps per probe."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tokens < 2:
+            raise UserError(f"tokens must be at least 2, got {self.tokens}")
+        if self.probe_steps < 1:
+            raise UserError(f"probe-steps must be at least 1, got {self.probe_steps}")
+        horizons(self.max_k)
+
+
 def run_horizon(options: study.LabOptions, max_k: int, tokens: int, steps: int) -> Path:
     """Train (or read) a model, probe it at every horizon k; returns report.md."""
     ks = horizons(max_k)
@@ -224,29 +247,6 @@ def _answer(results: dict, ks: list[int]) -> str:
             f"{ks[-1]} the probe is {100 * gains[ks[-1]]:.1f}% below the baseline"
         )
     return "; ".join(parts) + ". What is left far ahead is topic: which tokens this file or page uses."
-
-
-@dataclass
-class HorizonOptions(study.LabOptions):
-    """Flags of `multitoken lab horizon`."""
-
-    out: str = "reports/lab/horizon"
-    n_future: list[int] = field(default_factory=lambda: [1], metadata=study.NOT_A_FLAG)
-    """One next-token model."""
-    max_k: int = 512
-    """The farthest horizon; k runs over the powers of two up to it."""
-    tokens: int = 65536
-    """Tokens of each split read (probe training on train, scoring on val)."""
-    probe_steps: int = 300
-    """AdamW steps per probe."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.tokens < 2:
-            raise UserError(f"tokens must be at least 2, got {self.tokens}")
-        if self.probe_steps < 1:
-            raise UserError(f"probe-steps must be at least 1, got {self.probe_steps}")
-        horizons(self.max_k)
 
 
 def horizon_cli(options: HorizonOptions) -> None:

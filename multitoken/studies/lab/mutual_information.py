@@ -29,7 +29,7 @@ from torch import Tensor
 from multitoken.errors import UserError
 from multitoken.studies import runs as study
 from multitoken.studies import scoring
-from multitoken.studies.report import Report
+from multitoken.studies.report import Report, stacked_bars
 
 NATS_PER_BIT = math.log(2)
 QUESTION = (
@@ -172,11 +172,12 @@ def _plot(report: Report, results: dict[str, dict]) -> None:
     axes = [axes] if len(results) == 1 else list(axes[0])
     for ax, (label, r) in zip(axes, results.items(), strict=True):
         losses = r["losses"]
-        bottom = [0.0, 0.0]
-        for part, color in (("H(X|Y)", "tab:gray"), ("I(X;Y)", "tab:red"), ("H(Y|X)", "tab:blue")):
-            values = [losses[name][f"{part} nats"] / NATS_PER_BIT for name in ("next-token", "2-token")]
-            ax.bar(["next-token loss", "2-token loss"], values, bottom=bottom, color=color, label=part)
-            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        names = ("next-token", "2-token")
+        parts = [
+            (part, [losses[name][f"{part} nats"] / NATS_PER_BIT for name in names], color)
+            for part, color in (("H(X|Y)", "tab:gray"), ("I(X;Y)", "tab:red"), ("H(Y|X)", "tab:blue"))
+        ]
+        stacked_bars(ax, ["next-token loss", "2-token loss"], parts)
         ax.set_ylabel("bits per position")
         ax.set_title(f"{label}: the loss split into parts")
         ax.legend(fontsize=8)

@@ -7,9 +7,10 @@ forward and 6.39x at 7B).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from multitoken.studies.paper.code_runs import CodeScale, run_code_study
+from multitoken.studies.paper.code_runs import CodeScale, CodeStudyOptions, run_code_study
 from multitoken.studies.report import Report
 from multitoken.studies.runs import print_table
 
@@ -18,34 +19,27 @@ N_FUTURE = (1, 8)
 
 SCALES = {
     "debug": CodeScale(dim=32, n_layers=8, n_heads=2, max_steps=10, batch_size=4, seq_len=64, max_documents=30,
-                       vocab_size=0, n_prompts=2, prompt_len=32, max_new_tokens=16),
+                       n_prompts=2, prompt_len=32, max_new_tokens=16),
     "small": CodeScale(dim=128, n_layers=10, n_heads=4, max_steps=600, batch_size=16, seq_len=256,
-                       max_documents=0, vocab_size=0, n_prompts=16, prompt_len=128, max_new_tokens=128),
+                       max_documents=0, n_prompts=16, prompt_len=128, max_new_tokens=128),
     "medium": CodeScale(dim=512, n_layers=12, n_heads=8, max_steps=10_000, batch_size=64, seq_len=1024,
-                        max_documents=0, vocab_size=0, n_prompts=64, prompt_len=256, max_new_tokens=256, lr=1e-3),
+                        max_documents=0, n_prompts=64, prompt_len=256, max_new_tokens=256, lr=1e-3),
     "large": CodeScale(dim=1024, n_layers=16, n_heads=16, max_steps=30_000, batch_size=128, seq_len=2048,
-                       max_documents=0, vocab_size=0, n_prompts=128, prompt_len=512, max_new_tokens=512, lr=6e-4),
+                       max_documents=0, n_prompts=128, prompt_len=512, max_new_tokens=512, lr=6e-4),
 }  # fmt: skip
 
 
-def bytes_experiment(
-    out: str = "reports/bytes",
-    scale: str = "small",
-    seed: int = 0,
-    device: str = "auto",
-    corpus: str = "python-stdlib",
-) -> dict:
-    """Byte-level models on code: n = 8 against n = 1, bits per byte and self-speculative speedup.
+@dataclass
+class BytesOptions(CodeStudyOptions):
+    """Flags of `multitoken experiment bytes`."""
 
-    Args:
-        out: report directory; runs go under OUT/runs/nN and are reused when complete.
-        scale: debug (seconds), small (a CPU, ~30 min), medium or large (GPU).
-        seed: seed of the data split and every model's initialisation.
-        device: cpu, cuda, cuda:N or auto.
-        corpus: code corpus: python-stdlib, or a directory, glob or file.
-    """
-    root, preset, results = run_code_study(out, scale, SCALES, "byte", N_FUTURE, seed, device, corpus)
-    _write_report(root, scale, preset, results)
+    out: str = "reports/bytes"
+
+
+def bytes_experiment(options: BytesOptions) -> dict:
+    """Byte-level models on code: n = 8 against n = 1, bits per byte and self-speculative speedup."""
+    root, preset, results = run_code_study(options, SCALES, "byte", N_FUTURE)
+    _write_report(root, options.scale, preset, results)
     return results
 
 

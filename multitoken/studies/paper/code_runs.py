@@ -21,8 +21,8 @@ class CodeScale(ModelBudget):
 
     max_documents: int
     """Corpus documents used (0: all)."""
-    vocab_size: int
-    """BPE vocabulary (ignored for bytes)."""
+    vocab_size: int = 0
+    """BPE vocabulary (0 for bytes)."""
     n_prompts: int
     """Held-out prompts decoded to measure self-speculative decoding."""
     prompt_len: int
@@ -82,17 +82,29 @@ def run_code_variant(
     }
 
 
+@dataclass
+class CodeStudyOptions:
+    """Flags of the code studies (`experiment bytes`, `experiment nsweep`)."""
+
+    out: str = "reports/code"
+    """Report directory; runs go under OUT/runs/nN and are reused when complete."""
+    scale: str = "small"
+    """debug (seconds), small (a CPU, ~30 min), medium or large (GPU)."""
+    seed: int = 0
+    """Seed of the data split, of the BPE tokenizer's corpus and of every model's initialisation."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    corpus: str = "python-stdlib"
+    """Code corpus: python-stdlib, or a directory, glob or file."""
+
+
 def run_code_study(
-    out: str, scale: str, scales: dict[str, CodeScale], tokenizer: str, n_futures: tuple[int, ...], seed: int,
-    device: str, corpus: str,
-) -> tuple[Path, CodeScale, dict[str, dict[str, Any]]]:  # fmt: skip
+    options: CodeStudyOptions, scales: dict[str, CodeScale], tokenizer: str, n_futures: tuple[int, ...]
+) -> tuple[Path, CodeScale, dict[str, dict[str, Any]]]:
     """Prepare the corpus with `tokenizer` and train and measure one model per n; (root, preset, results)."""
-    preset = pick_scale(scale, scales)
-    device = resolve_device(device)
-    root = Path(out)
-    data = prepare_code(root, corpus, tokenizer, preset, seed)
-    results = {
-        f"n{n}": run_code_variant(root, data, preset, n, seed, device, progress=scale != "debug")
-        for n in n_futures
-    }
+    preset = pick_scale(options.scale, scales)
+    device = resolve_device(options.device)
+    root, seed, progress = Path(options.out), options.seed, options.scale != "debug"
+    data = prepare_code(root, options.corpus, tokenizer, preset, seed)
+    results = {f"n{n}": run_code_variant(root, data, preset, n, seed, device, progress) for n in n_futures}
     return root, preset, results

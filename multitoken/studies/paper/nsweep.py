@@ -7,9 +7,10 @@ and peak memory (CUDA max allocated, or the RSS high-water mark on CPU).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from multitoken.studies.paper.code_runs import CodeScale, run_code_study
+from multitoken.studies.paper.code_runs import CodeScale, CodeStudyOptions, run_code_study
 from multitoken.studies.report import Report
 from multitoken.studies.runs import print_table, resolve_device
 
@@ -33,24 +34,17 @@ SCALES = {
 }  # fmt: skip
 
 
-def nsweep(
-    out: str = "reports/nsweep",
-    scale: str = "small",
-    seed: int = 0,
-    device: str = "auto",
-    corpus: str = "python-stdlib",
-) -> dict:
-    """Sweep the number of heads n in {1, 2, 4, 6, 8} on code (BPE), with the block count held fixed.
+@dataclass
+class NsweepOptions(CodeStudyOptions):
+    """Flags of `multitoken experiment nsweep`."""
 
-    Args:
-        out: report directory; runs go under OUT/runs/nN and are reused when complete.
-        scale: debug (seconds), small (a CPU, ~30 min), medium or large (GPU).
-        seed: seed of the data split, the tokenizer's corpus and every model's initialisation.
-        device: cpu, cuda, cuda:N or auto.
-        corpus: code corpus: python-stdlib, or a directory, glob or file.
-    """
-    root, preset, results = run_code_study(out, scale, SCALES, "bpe", N_FUTURE, seed, device, corpus)
-    _write_report(root, scale, preset, results, resolve_device(device))
+    out: str = "reports/nsweep"
+
+
+def nsweep(options: NsweepOptions) -> dict:
+    """Sweep the number of heads n in {1, 2, 4, 6, 8} on code (BPE), with the block count held fixed."""
+    root, preset, results = run_code_study(options, SCALES, "bpe", N_FUTURE)
+    _write_report(root, options.scale, preset, results, resolve_device(options.device))
     return results
 
 
