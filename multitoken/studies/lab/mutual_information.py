@@ -162,7 +162,7 @@ def run_mutual_information(options: study.LabOptions) -> Path:
     details["evaluation"] = f"{tokens_WT.shape[0]} validation windows of {seq_len} tokens"
     details["estimator"] = (
         "cross-entropies of the heads; H(Y|X) is the next-token head one position later (teacher forcing); "
-        "checked against a Markov chain's closed-form entropies in tests/lab/test_mutual_information.py"
+        "checked against a Markov chain's closed-form entropies in tests/studies/lab/test_mutual_information.py"
     )
     return report.write(_answer(results), results, options.command, details=details)
 
