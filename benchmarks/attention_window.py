@@ -11,15 +11,17 @@ away), median of the repeats. Outputs are compared too: they must be identical.
 from __future__ import annotations
 
 import argparse
+from statistics import median
 from unittest import mock
 
 import torch
-from common import interleaved_times, machine_description, markdown_table, median, paired_ratio, today
+from common import machine_description, markdown_table, today
 
 from multitoken.config import preset_config
 from multitoken.decoding import DecodeBatch
 from multitoken.generate import generate
 from multitoken.model import MultiTokenLM
+from multitoken.studies.measure import interleaved_times, paired_ratio
 
 
 def parse_args() -> argparse.Namespace:
