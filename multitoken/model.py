@@ -188,7 +188,12 @@ class Block(nn.Module):
 
 
 class LinearHead(nn.Module):
-    """Medusa's residual head x + SiLU(W x); W starts at zero so the head starts as the identity."""
+    """Medusa's residual head x + SiLU(W x).
+
+    W starts random, N(0, init_std) like the trunk's matrices, so a model trained from scratch starts with
+    heads that differ; `from_hf` zeroes W instead, so heads added to a pretrained model start as the
+    identity (the next-token head), as Medusa does.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -289,13 +294,8 @@ class MultiTokenLM(nn.Module):
                 continue
             if name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(param, 0.0, std / math.sqrt(2 * self.config.n_layers))
-            elif isinstance(self._module_of(name), LinearHead):
-                nn.init.zeros_(param)
             else:
                 nn.init.normal_(param, 0.0, std)
-
-    def _module_of(self, param_name: str) -> nn.Module:
-        return self.get_submodule(param_name.rsplit(".", 1)[0])
 
     # ---- positions and caches -------------------------------------------------------------------
 
