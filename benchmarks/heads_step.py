@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_step(args: argparse.Namespace, variant: str, seq_len: int | None = None):
-    """A closure running one optimizer step of `variant` on a fixed random batch."""
+def make_step(args: argparse.Namespace, variant: str):
+    """A closure running one optimizer step of `variant` on a batch (a fixed random one by default)."""
     n_future, train, distill = VARIANTS[variant]
     torch.manual_seed(args.seed)
     config = preset_config(
@@ -75,11 +75,9 @@ def make_step(args: argparse.Namespace, variant: str, seq_len: int | None = None
     if train == "heads":
         freeze_next_token_path(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tokens_BT = torch.randint(
-        0, args.vocab_size, (args.batch_size, seq_len or args.seq_len), device=args.device
-    )
+    fixed_BT = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=args.device)
 
-    def step() -> None:
+    def step(tokens_BT: torch.Tensor = fixed_BT) -> None:
         multi_token_backward(model, tokens_BT, distill=distill)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -88,10 +86,13 @@ def make_step(args: argparse.Namespace, variant: str, seq_len: int | None = None
 
 
 def memory_worker(args: argparse.Namespace) -> dict:
-    """In a fresh process: the peak memory one step adds over the model, its optimizer state and a warm-up."""
-    make_step(args, args.memory_worker, seq_len=8)()  # allocates the optimizer state
+    """In a fresh process: the peak memory one step adds over the model and its optimizer state.
+
+    A warm-up step on a 16-token batch allocates the optimizer state with a high-water mark far below
+    the real step's, so the measured step's peak is a fresh high-water mark.
+    """
     step = make_step(args, args.memory_worker)
-    step()  # the first step allocates this model's optimizer state; measure the second
+    step(torch.randint(0, args.vocab_size, (1, 16), device=args.device))
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -100,9 +101,12 @@ def memory_worker(args: argparse.Namespace) -> dict:
         step()
         torch.cuda.synchronize()
         return {"peak_bytes": torch.cuda.max_memory_allocated() - base}
-    base = _rss_bytes() or _peak_rss_bytes()
+    base, high_water_before = _rss_bytes() or _peak_rss_bytes(), _peak_rss_bytes()
     step()
-    return {"peak_bytes": _peak_rss_bytes() - base}
+    peak = _peak_rss_bytes()
+    if peak <= high_water_before:
+        raise RuntimeError("the step made no new high-water mark of resident memory: no peak to report")
+    return {"peak_bytes": peak - base}
 
 
 def peak_mib(args: argparse.Namespace, variant: str) -> float:
