@@ -385,7 +385,9 @@ class Trainer:
             return {}
         saved = read_json(saved_path, "run config")
         mine = self.cfg.to_dict()
-        diffs = sorted(k for k in mine if k not in RESUME_MUTABLE and saved.get(k) != mine[k])
+        # A field newer than the saved run's config had its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        diffs = sorted(k for k in mine if k not in RESUME_MUTABLE and saved.get(k, defaults[k]) != mine[k])
         if diffs:
             raise UserError(
                 f"{self.run_dir} holds a different run (differs in {', '.join(diffs)}); choose another --out"

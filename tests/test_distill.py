@@ -1,6 +1,7 @@
 """Self-distillation of extra heads (`train --train heads --distill`): kernel parity and a frozen-base run."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from test_train_heads import base_checkpoint
 
 from multitoken.checkpoint import load_model
 from multitoken.loss import multi_token_backward, soft_cross_entropy
-from multitoken.train import train
+from multitoken.train import TRAIN_CONFIG, train
 
 from conftest import HEAD_STYLES, tiny_model
 from helpers import debug_config, make_dataset, read_metrics
@@ -85,3 +86,13 @@ def test_distilled_heads_learn_the_base_and_leave_its_logits_bitwise_unchanged(d
     steps = [m for m in logged if "distill_head2" in m]
     assert len(steps) == 12 and "loss_head2" not in steps[0]
     assert steps[-1]["distill_head3"] < steps[0]["distill_head3"]
+
+
+def test_a_run_saved_before_the_distill_fields_existed_resumes(data, tmp_path):
+    train(debug_config(data, tmp_path / "run", max_steps=2))
+    saved_path = tmp_path / "run" / TRAIN_CONFIG
+    saved = json.loads(saved_path.read_text())
+    del saved["distill"], saved["distill_top_k"]  # as older versions wrote it
+    saved_path.write_text(json.dumps(saved))
+    train(debug_config(data, tmp_path / "run", max_steps=3, resume=True))
+    assert read_metrics(tmp_path / "run")[-1]["step"] == 3
