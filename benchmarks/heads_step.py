@@ -23,7 +23,7 @@ import sys
 
 import torch
 from common import interleaved_times, machine_description, markdown_table, median, paired_ratio, today
-from train_step import _peak_rss_bytes, _rss_bytes
+from train_step import _rss_bytes
 
 from multitoken.config import preset_config
 from multitoken.devices import resolve_device
@@ -88,8 +88,8 @@ def make_step(args: argparse.Namespace, variant: str):
 def memory_worker(args: argparse.Namespace) -> dict:
     """In a fresh process: the peak memory one step adds over the model and its optimizer state.
 
-    A warm-up step on a 16-token batch allocates the optimizer state with a high-water mark far below
-    the real step's, so the measured step's peak is a fresh high-water mark.
+    A warm-up step on a 16-token batch allocates the optimizer state; then the peak resident size is
+    reset (/proc/self/clear_refs) and read back (VmHWM) after the measured step.
     """
     step = make_step(args, args.memory_worker)
     step(torch.randint(0, args.vocab_size, (1, 16), device=args.device))
@@ -101,12 +101,30 @@ def memory_worker(args: argparse.Namespace) -> dict:
         step()
         torch.cuda.synchronize()
         return {"peak_bytes": torch.cuda.max_memory_allocated() - base}
-    base, high_water_before = _rss_bytes() or _peak_rss_bytes(), _peak_rss_bytes()
+    base = _rss_bytes()
+    if not _reset_high_water_mark():
+        raise RuntimeError("peak memory on CPU needs Linux's /proc/self/clear_refs and VmHWM")
     step()
-    peak = _peak_rss_bytes()
-    if peak <= high_water_before:
-        raise RuntimeError("the step made no new high-water mark of resident memory: no peak to report")
-    return {"peak_bytes": peak - base}
+    return {"peak_bytes": _high_water_mark() - base}
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset the process's peak resident size (VmHWM) to the current one (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return _high_water_mark() > 0
+    except OSError:
+        return False
+
+
+def _high_water_mark() -> int:
+    """VmHWM, the peak resident size since the last reset, in bytes; 0 where unknown."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def peak_mib(args: argparse.Namespace, variant: str) -> float:
