@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from multitoken.errors import UserError
 
-HeadStyle = Literal["transformer", "linear", "sequential"]
-HEAD_STYLES = ("transformer", "linear", "sequential")
+HeadStyle = Literal["transformer", "linear", "sequential", "medusa"]
+HEAD_STYLES = ("transformer", "linear", "sequential", "medusa")
 
 
 @dataclass
@@ -34,7 +34,8 @@ class ModelConfig:
     n_future: int = 1
     """Number of output heads; head i predicts the token `head_offsets[i]` steps ahead."""
     head_style: HeadStyle = "transformer"
-    """transformer: one block per head (the paper); linear: Medusa's x + SiLU(Wx); sequential: DeepSeek-V3's MTP modules."""
+    """transformer: one block per head (the paper); linear: Medusa's x + SiLU(Wx); sequential: DeepSeek-V3's MTP
+    modules; medusa: x + SiLU(Wx + b) on the trunk's normed output, as vLLM's Medusa speculator runs it."""
     head_offsets: list[int] | None = None
     """Future offset each head predicts; None means 1..n_future. Far-future heads like [1, 2, 4, 8] are allowed."""
     param_matched: bool = True

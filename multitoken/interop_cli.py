@@ -35,7 +35,9 @@ def import_cli(
         out: the new run directory; it must not exist yet, or be empty.
         n_future: number of output heads; heads beyond the first are new.
         head_style: style of the new heads: transformer (copies of the last layer), linear (Medusa's
-            x + SiLU(Wx), starting as the identity) or sequential (DeepSeek-V3's, random).
+            x + SiLU(Wx), starting as the identity), medusa (x + SiLU(Wx + b) on the normed output,
+            starting as the next-token head; the style `export --format medusa` writes for vLLM) or
+            sequential (DeepSeek-V3's, random).
         dtype: type the weights are kept in; bfloat16 halves the memory of a bf16 model.
     """
     from multitoken.checkpoint import save_checkpoint
@@ -60,30 +62,66 @@ def import_cli(
         print("note: no tokenizer.json in the source, so none was carried; generate needs one")
 
 
-def export_cli(checkpoint: str, out: str, format: Literal["hf"] = "hf") -> None:
-    """Export a checkpoint's next-token path as a `transformers` model directory.
+def export_cli(checkpoint: str, out: str, format: Literal["hf", "medusa"] = "hf") -> None:
+    """Export a checkpoint as a `transformers` model directory, or its heads as vLLM's Medusa speculator.
 
-    The directory holds config.json, model.safetensors and the checkpoint's tokenizer files;
+    hf: the next-token path as config.json, model.safetensors and the checkpoint's tokenizer files;
     AutoModelForCausalLM.from_pretrained loads it with the same logits. The architecture is Qwen3 for
     models with q/k norms, Qwen2 for models with q/k/v biases, else Llama.
+
+    medusa: the extra heads as config.json (model_type medusa) and model.safetensors
+    (blocks.{h}.layers.0.weight/.bias, lm_heads.{h}.weight), for vLLM's --speculative-config
+    '{"method": "medusa", "model": OUT, ...}' next to the hf export as the served model. Only heads
+    trained with --head-style medusa map exactly.
 
     Args:
         checkpoint: checkpoint or run directory.
         out: the new directory; it must not exist yet, or be empty.
-        format: hf, a transformers directory (vLLM's Medusa layout is not written yet).
+        format: hf (a transformers directory) or medusa (vLLM's Medusa heads).
     """
     from multitoken.checkpoint import load_model, resolve_checkpoint
-    from multitoken.interop import to_hf
 
     out_dir = _fresh_out(out)
     ckpt = resolve_checkpoint(checkpoint)
-    hf_model = to_hf(load_model(ckpt))
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    try:
+    model = load_model(ckpt)
+    if format == "medusa":
+        from multitoken.interop_medusa import to_medusa
+
+        medusa_config, tensors = to_medusa(model)  # refuses other heads before anything is written
+        _write_dir(out_dir, lambda tmp: _save_medusa(tmp, medusa_config, tensors))
+        print(
+            f"exported the {medusa_config['num_heads']} extra heads of {ckpt} as vLLM Medusa heads into {out_dir}"
+        )
+        return
+    from multitoken.interop import to_hf
+
+    hf_model = to_hf(model)
+
+    def write(tmp: Path) -> None:
         hf_model.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             if (ckpt / name).is_file():
                 shutil.copyfile(ckpt / name, tmp / name)
+
+    _write_dir(out_dir, write)
+    print(f"exported {ckpt} as {type(hf_model).__name__} into {out_dir}")
+
+
+def _save_medusa(tmp: Path, medusa_config: dict, tensors: dict) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    tmp.mkdir()
+    (tmp / "config.json").write_text(json.dumps(medusa_config, indent=2) + "\n")
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _write_dir(out_dir: Path, write) -> None:
+    """Run `write(tmp)` into a sibling temporary directory, then rename it to `out_dir` (empty or absent)."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         tmp.rename(out_dir)
@@ -91,7 +129,6 @@ def export_cli(checkpoint: str, out: str, format: Literal["hf"] = "hf") -> None:
         raise UserError(f"cannot write {out_dir}: {err.strerror or err}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exported {ckpt} as {type(hf_model).__name__} into {out_dir}")
 
 
 def _fresh_out(out: str) -> Path:

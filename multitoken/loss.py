@@ -4,6 +4,12 @@ The memory-efficient path (the paper's §2 and Fig. S11) runs the trunk once, th
 and backward in turn from the detached trunk output, then one backward through the trunk. Within a
 head, cross-entropy is chunked over positions, so at most (chunk_size, V) logits exist at a time.
 Peak memory goes from O(N V) to O(V) per position.
+
+Self-distillation (`distill=True`) swaps the hard labels of the extra heads for soft targets: head i
+(offset k) at position t learns the next-token head's distribution at position t + k - 1 from the same
+forward pass, p = softmax(logits_head1(t + k - 1)), with loss H(p, q_i) = -sum_v p(v) log q_i(v), the
+KL divergence up to p's entropy (a constant for the heads). The teacher logits of a chunk are computed
+under no_grad, so the chunking keeps memory at two (chunk, V) blocks.
 """
 
 from __future__ import annotations
@@ -49,6 +55,64 @@ def target_counts(targets_BTN: Tensor) -> Tensor:
     return (targets_BTN != IGNORE_INDEX).sum(dim=(0, 1))
 
 
+def soft_cross_entropy(student_logits_CV: Tensor, teacher_logits_CV: Tensor, top_k: int = 0) -> Tensor:
+    """Sum over rows of H(p, q) = -sum_v p(v) log q(v), with q = softmax(student), p = softmax(teacher).
+
+    top_k > 0 truncates p to its top_k most probable entries, renormalised to sum to 1 (the tail's mass
+    is dropped, not lumped). Gradients flow to the student only; the teacher is a constant.
+    """
+    teacher_CV = teacher_logits_CV.detach().float()
+    log_q_CV = F.log_softmax(student_logits_CV.float(), dim=-1)
+    if 0 < top_k < teacher_CV.shape[-1]:
+        top_CK, index_CK = teacher_CV.topk(top_k, dim=-1)
+        p_CK = F.softmax(top_CK, dim=-1)
+        return -(p_CK * log_q_CV.gather(-1, index_CK)).sum()
+    return -(F.softmax(teacher_CV, dim=-1) * log_q_CV).sum()
+
+
+def teacher_index(target_BT: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    """Flat positions of head targets and of their teachers: (valid_M, teacher_M) into B*T.
+
+    A head of offset k with a target at t is distilled from the next-token distribution at t + k - 1,
+    which lies in the same window whenever the hard target t + k does.
+    """
+    valid_M = (target_BT.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    return valid_M, valid_M + (offset - 1)
+
+
+def _head_distill_backward(
+    model: MultiTokenLM,
+    z_BTD: Tensor,
+    z_next_BTD: Tensor,
+    target_BT: Tensor,
+    offset: int,
+    scale: float,
+    chunk_size: int,
+    top_k: int,
+) -> Tensor:
+    """Backward of scale * sum soft CE against the next-token head's distribution, chunked; returns the sum.
+
+    `z_next_BTD` is the next-token head's pre-norm state (the teacher, no gradient needed).
+    """
+    valid_M, teacher_M = teacher_index(target_BT, offset)
+    z_MD = z_BTD.reshape(-1, z_BTD.shape[-1]).index_select(0, valid_M)
+    z_teacher_MD = z_next_BTD.detach().reshape(-1, z_BTD.shape[-1]).index_select(0, teacher_M)
+    z_detached_MD = z_MD.detach().requires_grad_()
+    loss_sum = torch.zeros((), device=z_BTD.device)
+    for start in range(0, valid_M.numel(), chunk_size):
+        with torch.no_grad():
+            teacher_CV = model.logits(z_teacher_MD[start : start + chunk_size])
+        chunk_loss = soft_cross_entropy(
+            model.logits(z_detached_MD[start : start + chunk_size]), teacher_CV, top_k
+        )
+        del teacher_CV
+        (chunk_loss * scale).backward()
+        loss_sum += chunk_loss.detach()
+    if z_detached_MD.grad is not None:
+        z_MD.backward(z_detached_MD.grad)
+    return loss_sum
+
+
 def _head_backward(
     model: MultiTokenLM, z_BTD: Tensor, target_BT: Tensor, scale: float, chunk_size: int
 ) -> Tensor:
@@ -83,6 +147,8 @@ def multi_token_backward(
     normalizer_N: Tensor | None = None,
     loss_scale: float = 1.0,
     targets_BTN: Tensor | None = None,
+    distill: bool = False,
+    distill_top_k: int = 0,
 ) -> list[float]:
     """Forward and backward for one batch; gradients accumulate in `.grad`. Returns per-head mean losses.
 
@@ -91,6 +157,10 @@ def multi_token_backward(
     target counts of the whole global batch makes gradients independent of how it is split across
     micro-batches and ranks. Heads with weight 0 are skipped and reported as NaN. A caller that already
     built this batch's `targets_BTN` (with `build_targets`) may pass them in.
+
+    With `distill`, heads after the first learn the next-token head's distribution at t + k - 1 instead
+    of token t + k (see the module docstring; `distill_top_k` truncates it), at the positions where the
+    hard target exists; the first head keeps its hard-label loss.
     """
     config = model.config
     if targets_BTN is None:
@@ -101,7 +171,9 @@ def multi_token_backward(
     normalizer_N = normalizer_N.clamp(min=1).tolist()
     weights = config.loss_weights
     if not memory_efficient:
-        return _naive_backward(model, tokens_BT, targets_BTN, counts_N, normalizer_N, loss_scale)
+        return _naive_backward(
+            model, tokens_BT, targets_BTN, counts_N, normalizer_N, loss_scale, distill, distill_top_k
+        )
 
     rope = model.rope_context(tokens_BT, None)
     h_BTD = model.trunk_forward(tokens_BT, rope)
@@ -111,6 +183,7 @@ def multi_token_backward(
     detached_roots = [r.detach().requires_grad_() for r in roots]
 
     losses: list[float] = []
+    teacher_BTD = None  # the next-token head's state, computed once when distilling
     for i in range(config.n_future):
         if weights[i] == 0:
             losses.append(float("nan"))
@@ -118,7 +191,16 @@ def multi_token_backward(
         root = detached_roots[i if sequential else 0]
         z_BTD = root if sequential else model.head_forward(i, root, rope)
         scale = loss_scale * weights[i] / normalizer_N[i]
-        loss_sum = _head_backward(model, z_BTD, targets_BTN[..., i], scale, chunk_size)
+        if distill and i > 0:
+            if teacher_BTD is None:
+                with torch.no_grad():
+                    teacher_BTD = roots[0] if sequential else model.head_forward(0, roots[0], rope)
+            offset = config.head_offsets[i]
+            loss_sum = _head_distill_backward(
+                model, z_BTD, teacher_BTD, targets_BTN[..., i], offset, scale, chunk_size, distill_top_k
+            )
+        else:
+            loss_sum = _head_backward(model, z_BTD, targets_BTN[..., i], scale, chunk_size)
         losses.append(loss_sum.item() / max(int(counts_N[i]), 1))
 
     # A frozen trunk (training heads only) built no graph: its roots need no backward.
@@ -132,7 +214,9 @@ def multi_token_backward(
     return losses
 
 
-def _naive_backward(model, tokens_BT, targets_BTN, counts_N, normalizer_N, loss_scale) -> list[float]:
+def _naive_backward(
+    model, tokens_BT, targets_BTN, counts_N, normalizer_N, loss_scale, distill=False, distill_top_k=0
+) -> list[float]:
     """Reference path: all heads' full logits at once, one summed loss, one backward."""
     logits_BTNV = model(tokens_BT)
     total = torch.zeros((), device=tokens_BT.device)
@@ -141,9 +225,18 @@ def _naive_backward(model, tokens_BT, targets_BTN, counts_N, normalizer_N, loss_
         if weight == 0:
             losses.append(float("nan"))
             continue
-        loss_sum = F.cross_entropy(
-            logits_BTNV[:, :, i].flatten(0, 1).float(), targets_BTN[..., i].flatten(), reduction="sum"
-        )
+        if distill and i > 0:
+            k, T = model.config.head_offsets[i], tokens_BT.shape[1]
+            valid_BT = targets_BTN[..., i] != IGNORE_INDEX
+            teacher_BTV = torch.zeros_like(logits_BTNV[:, :, 0])
+            teacher_BTV[:, : T - k + 1] = logits_BTNV[:, k - 1 :, 0]  # position t gets t + k - 1's
+            loss_sum = soft_cross_entropy(
+                logits_BTNV[:, :, i][valid_BT], teacher_BTV[valid_BT], distill_top_k
+            )
+        else:
+            loss_sum = F.cross_entropy(
+                logits_BTNV[:, :, i].flatten(0, 1).float(), targets_BTN[..., i].flatten(), reduction="sum"
+            )
         total = total + weight * loss_sum / normalizer_N[i]
         losses.append(loss_sum.item() / max(int(counts_N[i]), 1))
     (total * loss_scale).backward()

@@ -9,7 +9,8 @@ Dimension legend:
 
 Layout: tok_embeddings -> trunk blocks -> heads[i] -> norm -> output. Head i at position t predicts
 token t + head_offsets[i]. With n_future = 1 and the transformer head style this is exactly a
-Llama: trunk = layers[:-1], heads[0] = layers[-1].
+Llama: trunk = layers[:-1], heads[0] = layers[-1]. The medusa style moves the norm before the heads
+(tok_embeddings -> trunk -> norm -> heads[i] -> output), as vLLM's Medusa speculator computes them.
 """
 
 from __future__ import annotations
@@ -188,11 +189,16 @@ class Block(nn.Module):
 
 
 class LinearHead(nn.Module):
-    """Medusa's residual head x + SiLU(W x); W starts at zero so the head starts as the identity."""
+    """Medusa's residual head x + SiLU(W x + b) (b only with `bias`, as in the medusa style).
 
-    def __init__(self, config: ModelConfig) -> None:
+    W starts random, N(0, init_std) like the trunk's matrices, so a model trained from scratch starts with
+    heads that differ; `from_hf` zeroes W instead, so heads added to a pretrained model start as the
+    identity (the next-token head), as Medusa does.
+    """
+
+    def __init__(self, config: ModelConfig, bias: bool = False) -> None:
         super().__init__()
-        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.proj = nn.Linear(config.dim, config.dim, bias=bias)
 
     def forward(self, x_BTD: Tensor, rope: RopeContext) -> Tensor:
         return x_BTD + F.silu(self.proj(x_BTD))
@@ -269,7 +275,9 @@ class MultiTokenLM(nn.Module):
             return Block(self.config)
         if index == 0:
             return Identity()
-        return LinearHead(self.config) if style == "linear" else SequentialHead(self.config)
+        if style == "sequential":
+            return SequentialHead(self.config)
+        return LinearHead(self.config, bias=style == "medusa")
 
     @torch.no_grad()
     def reset_parameters(self, only: set[str] | None = None) -> None:
@@ -289,13 +297,8 @@ class MultiTokenLM(nn.Module):
                 continue
             if name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(param, 0.0, std / math.sqrt(2 * self.config.n_layers))
-            elif isinstance(self._module_of(name), LinearHead):
-                nn.init.zeros_(param)
             else:
                 nn.init.normal_(param, 0.0, std)
-
-    def _module_of(self, param_name: str) -> nn.Module:
-        return self.get_submodule(param_name.rsplit(".", 1)[0])
 
     # ---- positions and caches -------------------------------------------------------------------
 
@@ -372,12 +375,14 @@ class MultiTokenLM(nn.Module):
     def head_forward(
         self, index: int, h_BTD: Tensor, rope: RopeContext, next_tokens_BT: Tensor | None = None
     ) -> Tensor:
-        """Head `index`'s pre-norm output.
+        """Head `index`'s output, which `logits` turns into logits (pre-norm, except in the medusa style).
 
-        Parallel styles take the trunk output `h_BTD`. Sequential heads take the previous depth's
-        output and the tokens at t + index (`next_tokens_BT`), as in DeepSeek-V3.
+        Parallel styles take the trunk output `h_BTD`; medusa heads take it normed. Sequential heads
+        take the previous depth's output and the tokens at t + index (`next_tokens_BT`), as in DeepSeek-V3.
         """
         head = self.heads[index]
+        if self.config.head_style == "medusa":
+            return head(self.norm(h_BTD), rope)
         if isinstance(head, SequentialHead):
             if next_tokens_BT is None:
                 raise ValueError("a sequential head needs the tokens at t + index")
@@ -394,7 +399,9 @@ class MultiTokenLM(nn.Module):
         return states
 
     def logits(self, z_BTD: Tensor) -> Tensor:
-        """Shared final norm and unembedding."""
+        """Shared final norm and unembedding (the medusa style's heads come after the norm)."""
+        if self.config.head_style == "medusa":
+            return self.output(z_BTD)
         return self.output(self.norm(z_BTD))
 
     def forward(self, tokens_BT: Tensor, input_pos_BT: Tensor | None = None) -> Tensor:

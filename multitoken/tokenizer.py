@@ -84,11 +84,18 @@ class Tokenizer:
             return list(text.encode("utf-8"))  # same ids as the HF model, much faster
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, encoded in parallel."""
+    def encode_batch(self, texts: list[str], specials: bool = False) -> list[list[int]]:
+        """Token ids of each text, encoded in parallel. With `specials`, special-token strings in the text
+        become their ids (for trusted text such as a chat template's rendering)."""
         if self.kind == "byte":
             return [list(text.encode("utf-8")) for text in texts]
-        return [enc.ids for enc in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+        if not specials:
+            return [enc.ids for enc in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+        self.hf.encode_special_tokens = False
+        try:
+            return [enc.ids for enc in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+        finally:
+            self.hf.encode_special_tokens = True
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens are written out as their strings."""
@@ -195,9 +202,12 @@ class TiktokenTokenizer(Tokenizer):
         """Token ids of `text`, without any special tokens added."""
         return self.enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, encoded in parallel threads."""
-        return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+    def encode_batch(self, texts: list[str], specials: bool = False) -> list[list[int]]:
+        """Token ids of each text, encoded in parallel threads; `specials` parses special-token strings."""
+        threads = os.cpu_count() or 1
+        if specials:
+            return self.enc.encode_batch(texts, num_threads=threads, allowed_special="all")
+        return self.enc.encode_ordinary_batch(texts, num_threads=threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; `<|endoftext|>` is written out as its string."""

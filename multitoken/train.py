@@ -107,6 +107,12 @@ class TrainConfig:
     train: Literal["all", "heads"] = "all"
     """all: train every parameter; heads: freeze the next-token path (embeddings, trunk, first head, norm,
     unembedding) and train only the extra heads, so the next-token logits stay exactly the base's."""
+    distill: bool = False
+    """Self-distillation (needs --train heads): head k learns the frozen base's own next-token
+    distribution at t + k - 1 from the same forward pass instead of the data's token t + k; no labels."""
+    distill_top_k: int = 0
+    """With --distill: soft targets over the full vocabulary (0), or only the base's top-k entries,
+    renormalised to sum to 1 (the tail's mass is dropped)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -138,6 +144,10 @@ class TrainConfig:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.train not in ("all", "heads"):
             raise UserError(f"train must be all or heads, got {self.train!r}")
+        if self.distill and self.train != "heads":
+            raise UserError("--distill trains heads toward the frozen base's predictions: add --train heads")
+        if self.distill_top_k < 0:
+            raise UserError(f"distill_top_k must be >= 0, got {self.distill_top_k}")
         if self.fsdp and (self.init_from is not None or self.train != "all"):
             raise UserError("--init-from and --train heads do not run under --fsdp yet")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -375,7 +385,9 @@ class Trainer:
             return {}
         saved = read_json(saved_path, "run config")
         mine = self.cfg.to_dict()
-        diffs = sorted(k for k in mine if k not in RESUME_MUTABLE and saved.get(k) != mine[k])
+        # A field newer than the saved run's config had its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        diffs = sorted(k for k in mine if k not in RESUME_MUTABLE and saved.get(k, defaults[k]) != mine[k])
         if diffs:
             raise UserError(
                 f"{self.run_dir} holds a different run (differs in {', '.join(diffs)}); choose another --out"
@@ -446,6 +458,8 @@ class Trainer:
                     sep_id=self.train_data.eos_id,
                     normalizer_N=counts_N,
                     targets_BTN=targets_BTN[start : start + self.micro_rows].to(self.device),
+                    distill=cfg.distill,
+                    distill_top_k=cfg.distill_top_k,
                 )
             micro_counts_N = row_counts_BN[start : start + self.micro_rows].sum(dim=0)
             losses_N = torch.tensor(losses, dtype=torch.float64)
@@ -472,7 +486,7 @@ class Trainer:
         metrics["grad_norm"] = float(grad_norm)
         for i, h in enumerate(head_losses):
             if weights[i] > 0:
-                metrics[f"loss_head{i + 1}"] = h
+                metrics[f"{'distill' if cfg.distill and i > 0 else 'loss'}_head{i + 1}"] = h
         return metrics
 
     def _autocast(self):

@@ -8,6 +8,7 @@ from multitoken.cli import main
 from multitoken.config import preset_config
 from multitoken.data.loader import TokenDataset
 from multitoken.model import MultiTokenLM
+from multitoken.tokenizer import train_bpe
 from multitoken.train import train
 
 from helpers import debug_config, make_dataset
@@ -52,6 +53,12 @@ def test_heads_train_and_the_next_token_path_stays_bitwise_the_base(data, tmp_pa
 def test_bad_input_is_refused_before_anything_is_written(data, tmp_path, capsys):
     base_checkpoint(data, tmp_path / "one", n_future=1)
     base_checkpoint(data, tmp_path / "two", n_future=2)
+    other = train_bpe(
+        ["some other text to learn merges from"] * 5, 270
+    )  # 270 ids: fits the byte data's model
+    torch.manual_seed(0)
+    bpe_model = MultiTokenLM(preset_config("debug", vocab_size=270, n_future=2))
+    save_checkpoint(tmp_path / "bpe", 0, bpe_model, tokenizer=other)
     (tmp_path / "empty").mkdir()
     common = [
         "train",
@@ -67,6 +74,8 @@ def test_bad_input_is_refused_before_anything_is_written(data, tmp_path, capsys)
         (["--init-from", str(tmp_path / "one"), "--train", "heads"], "needs a model with extra heads"),
         (["--init-from", str(tmp_path / "empty")], "is incomplete"),
         (["--init-from", str(tmp_path / "two"), "--dim", "32"], "--init-from takes the model from"),
+        (["--init-from", str(tmp_path / "bpe"), "--train", "heads"], "tokenized with another tokenizer"),
+        (["--init-from", str(tmp_path / "two"), "--distill"], "add --train heads"),
     ]
     for extra, message in cases:
         assert main([*common, *extra]) == 2

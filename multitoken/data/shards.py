@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from multitoken.data.sources import describe_skipped, iter_documents, source_fingerprint
+from multitoken.data.chat import ChatText, chat_renderer, no_template_error
+from multitoken.data.sources import ChatWithoutTemplate, describe_skipped, iter_documents, source_fingerprint
 from multitoken.errors import UserError
 from multitoken.files import check_output_parent, read_json
 from multitoken.tokenizer import Tokenizer, byte_tokenizer, check_bpe_vocab_size, load_tokenizer, train_bpe
@@ -51,7 +52,8 @@ class PrepareConfig:
     """How to turn a text corpus into token shards."""
 
     source: str = "python-stdlib"
-    """Corpus: python-stdlib, shakespeare, a directory/glob/file, or hf:NAME[:SPLIT] (see data/sources.py)."""
+    """Corpus: python-stdlib, shakespeare, a directory/glob/file, or hf:NAME[:SPLIT] (see data/sources.py);
+    chats.jsonl:messages renders chat conversations with the --tokenizer checkpoint's chat template."""
     out: str = "data/stdlib"
     """Output directory; must not exist yet unless it holds this same dataset."""
     tokenizer: str = "bpe"
@@ -238,10 +240,14 @@ def _holds_same_dataset(out: Path, settings: dict) -> bool:
 
 
 def _documents(cfg: PrepareConfig, skipped: collections.Counter | None = None) -> Iterator[str]:
-    for i, doc in enumerate(iter_documents(cfg.source, skipped=skipped)):
-        if cfg.max_documents and i >= cfg.max_documents:
-            return
-        yield doc
+    chat = chat_renderer(cfg.tokenizer)
+    try:
+        for i, doc in enumerate(iter_documents(cfg.source, skipped=skipped, chat=chat)):
+            if cfg.max_documents and i >= cfg.max_documents:
+                return
+            yield doc
+    except ChatWithoutTemplate as err:
+        raise no_template_error(str(err), cfg.tokenizer) from None
 
 
 def _assign_splits(cfg: PrepareConfig) -> np.ndarray:
@@ -289,7 +295,13 @@ def _write_dataset(cfg: PrepareConfig, directory: Path, settings: dict, given: T
     n_docs = {split: 0 for split in SPLITS}
 
     def flush(batch: list[str], splits: list[str]) -> None:
-        for ids, split in zip(tokenizer.encode_batch(batch), splits, strict=True):
+        chat = [isinstance(doc, ChatText) for doc in batch]
+        plain_docs = [d for d, c in zip(batch, chat, strict=True) if not c]
+        chat_docs = [d for d, c in zip(batch, chat, strict=True) if c]
+        encoded = iter(tokenizer.encode_batch(plain_docs) if plain_docs else [])
+        encoded_chat = iter(tokenizer.encode_batch(chat_docs, specials=True) if chat_docs else [])
+        for is_chat, split in zip(chat, splits, strict=True):
+            ids = next(encoded_chat if is_chat else encoded)
             ids_N = np.array([*ids, tokenizer.eos_id], dtype=np.int64)
             if ids_N.max() >= tokenizer.vocab_size or ids_N.min() < 0:
                 bad = int(ids_N[(ids_N >= tokenizer.vocab_size) | (ids_N < 0)][0])

