@@ -20,15 +20,23 @@ import json
 import os
 import subprocess
 import sys
+from statistics import median
 
 import torch
-from common import interleaved_times, machine_description, markdown_table, median, paired_ratio, today
-from train_step import _rss_bytes
+from common import machine_description, markdown_table, today
 
 from multitoken.config import preset_config
 from multitoken.devices import resolve_device
 from multitoken.loss import multi_token_backward
 from multitoken.model import MultiTokenLM
+from multitoken.studies.measure import (
+    current_memory_mib,
+    interleaved_times,
+    paired_ratio,
+    peak_memory_mib,
+    reset_peak_memory,
+    sync,
+)
 from multitoken.train import freeze_next_token_path
 
 # name -> (heads, what trains, distill); heads None means --n-future.
@@ -88,43 +96,20 @@ def make_step(args: argparse.Namespace, variant: str):
 def memory_worker(args: argparse.Namespace) -> dict:
     """In a fresh process: the peak memory one step adds over the model and its optimizer state.
 
-    A warm-up step on a 16-token batch allocates the optimizer state; then the peak resident size is
-    reset (/proc/self/clear_refs) and read back (VmHWM) after the measured step.
+    A warm-up step on a 16-token batch allocates the optimizer state; then the peak window is reset
+    (CUDA peak stats, or the RSS high-water mark through /proc/self/clear_refs) and read back after
+    the measured step (`multitoken.studies.measure`).
     """
     step = make_step(args, args.memory_worker)
     step(torch.randint(0, args.vocab_size, (1, 16), device=args.device))
     gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - base}
-    base = _rss_bytes()
-    if not _reset_high_water_mark():
-        raise RuntimeError("peak memory on CPU needs Linux's /proc/self/clear_refs and VmHWM")
+    device = torch.device(args.device)
+    sync(device)
+    reset_peak_memory(device)
+    base_mib = current_memory_mib(device)
     step()
-    return {"peak_bytes": _high_water_mark() - base}
-
-
-def _reset_high_water_mark() -> bool:
-    """Reset the process's peak resident size (VmHWM) to the current one (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return _high_water_mark() > 0
-    except OSError:
-        return False
-
-
-def _high_water_mark() -> int:
-    """VmHWM, the peak resident size since the last reset, in bytes; 0 where unknown."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    sync(device)
+    return {"peak_bytes": (peak_memory_mib(device) - base_mib) * 2**20}
 
 
 def peak_mib(args: argparse.Namespace, variant: str) -> float:

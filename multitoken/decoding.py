@@ -43,6 +43,8 @@ from multitoken.draft_tree import (
 from multitoken.sampling import RowSampling, SamplingParams, choose
 from multitoken.speculative import accept_greedy, accept_sampled, draft_depth, propose_drafts
 
+UNCACHED_HEAD_STYLES = ("linear", "medusa")
+"""Drafting heads without attention: they read the trunk output at the last position, no KV cache."""
 CATCH_UP_WINDOW = 32
 """Most positions a cached drafting head catches up on before it drafts again."""
 RANKS_TRACKED = 8
@@ -137,7 +139,7 @@ class DecodeBatch:
         self.model, self.capacity, self.cache_len, self.extra_slots = model, capacity, cache_len, extra_slots
         self.device = next(model.parameters()).device
         self.n_heads = draft_depth(model.config) - 1
-        self.cached_heads = model.config.head_style != "linear"
+        self.cached_heads = model.config.head_style not in UNCACHED_HEAD_STYLES
         self.sequential = model.config.head_style == "sequential"
         # Real positions stay below cache_len - 1: padding and finished rows write to that spare slot.
         self.scratch = cache_len - 1
