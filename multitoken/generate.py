@@ -30,7 +30,7 @@ from multitoken.errors import UserError
 from multitoken.row_output import RowOutput
 from multitoken.sampling import SamplingParams
 from multitoken.speculative import draft_depth
-from multitoken.step_costs import StepCosts
+from multitoken.step_costs import StepCosts, step_clock
 
 SPECULATIVE_HINT = "this model has one head; use --no-speculative or train with --n-future > 1"
 
@@ -296,9 +296,7 @@ def generate(
             policy = adaptive_policy(model, B)
             calibration = policy.calibration_seconds
     start_time = time.perf_counter()
-    # The clock of step costs: this process's CPU time on a CPU (other jobs do not inflate it), the
-    # wall clock on a GPU (each step ends with a device-to-host copy, so GPU work is inside it).
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    clock = step_clock(device)  # what the step costs were measured with
     generator = None
     if not params.greedy:
         generator = torch.Generator(device=device)

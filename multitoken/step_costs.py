@@ -10,9 +10,9 @@ prompts (a fraction of a second for small models), and stores the medians in a J
 
 Delete the file to measure again. The plans are timed in turns, round after round; a plan's cost
 is its median ratio to the plain step of the same round (which cancels drift: a shared machine
-slows every plan of a round alike) times the plain step's fastest time. On a CPU the clock is
-this process's CPU time, which other processes competing for the cores do not inflate; on a GPU it
-is the wall clock (each step ends with a device-to-host copy, so the GPU work is inside it).
+slows every plan of a round alike) times the plain step's fastest time. On a CPU with one torch
+thread the clock is this process's CPU time, which other processes competing for the cores do not
+inflate; otherwise it is the wall clock (`step_clock`).
 """
 
 from __future__ import annotations
@@ -50,9 +50,21 @@ def batch_bucket(batch_size: int) -> int:
     return 1 << max(batch_size - 1, 0).bit_length()
 
 
-COST_MODEL_VERSION = 2
-"""Bumped when decoding steps change cost (2: attention over the cache slots in use), so that costs
-cached by an earlier version are measured again."""
+COST_MODEL_VERSION = 3
+"""Bumped when decoding steps change cost or the way they are timed (2: attention over the cache
+slots in use; 3: the wall clock with several CPU threads), so that costs cached by an earlier
+version are measured again."""
+
+
+def step_clock(device: torch.device):
+    """The clock that times decoding steps: this process's CPU time on a CPU running one torch thread
+    (other jobs on the machine do not inflate it); the wall clock otherwise. With several threads,
+    CPU time adds up every thread's work, spin-waits included, so it overstates the steps that
+    parallelise (the wider ones); on a GPU each step ends with a device-to-host copy, so the wall
+    clock covers the GPU's work."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
 
 
 def machine_key(model) -> str:
@@ -94,8 +106,7 @@ class StepCosts:
         plans = [DraftPlan(), *(p for p in plans if p.block > 1)]  # the plain step anchors the rest
 
         started = time.perf_counter()
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        clock = time.process_time if on_cpu else time.perf_counter
+        clock = step_clock(next(model.parameters()).device)
         B = batch_bucket(batch_size)
         extra = max((p.block for p in plans if p.tree is not None), default=0)
         batch = DecodeBatch(model, B, cache_len, extra_slots=extra)
@@ -158,4 +169,4 @@ class StepCosts:
             pass
 
 
-__all__ = ["StepCosts", "batch_bucket", "cache_dir", "machine_key"]
+__all__ = ["StepCosts", "batch_bucket", "cache_dir", "machine_key", "step_clock"]

@@ -1,6 +1,7 @@
 """The adaptive draft policy: decisions on stub models with known acceptance, and lossless plan switching."""
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from multitoken.decoding import DraftPlan, StepRecord
 from multitoken.draft_policy import DraftPolicy, expected_chain_tokens, expected_tree_tokens
 from multitoken.draft_tree import DraftTree
 from multitoken.generate import generate, shared_policy
-from multitoken.step_costs import StepCosts
+from multitoken.step_costs import StepCosts, step_clock
 
 from conftest import tiny_model
 
@@ -274,3 +275,15 @@ def test_probes_are_shadow_steps_where_the_batch_allows():
     probes = [i for i, p in enumerate(plans) if p.n_heads or p.shadow]
     # As shadow steps, on the schedule of their extra cost (a quarter of a plain step until timed).
     assert probes == [7] and plans[7].shadow
+
+
+def test_steps_are_timed_on_cpu_time_only_with_one_thread():
+    """CPU time adds up every thread's work, so with several threads it would overstate wide steps."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert step_clock(torch.device("cpu")) is time.process_time
+        torch.set_num_threads(2)
+        assert step_clock(torch.device("cpu")) is time.perf_counter
+    finally:
+        torch.set_num_threads(threads)
