@@ -75,6 +75,22 @@ def tally(
     return mean_pass_at_k([(n, c) for n, c in counts.values()], ks), counts
 
 
+def refuse_foreign_file(path: Path) -> None:
+    """UserError unless `path` is absent or an earlier results file of ours (its lines carry "passed"
+    and "result"): the default results path sits beside the user's samples, where a file of theirs
+    might be."""
+    if not path.exists():
+        return
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = json.loads(f.readline())
+        ours = isinstance(first, dict) and {"passed", "result"} <= first.keys()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ours = False
+    if not ours:
+        raise UserError(f"{path} exists and is not a results file written by multitoken; give --out DIR")
+
+
 def score_samples(
     benchmark: str,
     samples_path: str | Path,
@@ -91,6 +107,9 @@ def score_samples(
     pass@k averages over the tasks that have samples. ``ks=None`` means the default (1, 10, 100) restricted
     to the k that every task has enough samples for; explicitly requested ks must all fit (else UserError).
     """
+    out_path = Path(results_path or f"{samples_path}_results.jsonl")
+    if results_path is None:
+        refuse_foreign_file(out_path)
     tasks = load_tasks(benchmark, data_path)
     samples = read_samples(samples_path, tasks)
     per_task: dict[str, int] = defaultdict(int)
@@ -106,7 +125,6 @@ def score_samples(
         timeout_s=timeout_s,
         progress=f"{benchmark} samples" if progress else None,
     )
-    out_path = Path(results_path or f"{samples_path}_results.jsonl")
     with out_path.open("w", encoding="utf-8") as f:
         for sample, res in zip(samples, results, strict=True):
             f.write(json.dumps({**sample, "passed": res.passed, "result": res.result}) + "\n")

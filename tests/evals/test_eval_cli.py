@@ -84,6 +84,12 @@ def test_eval_humaneval_scores_a_samples_file(tmp_path, capsys):
     assert json.loads(summary.read_text())["n_passed"] == 3
     results = (tmp_path / "canonical.jsonl_results.jsonl").read_text().splitlines()
     assert len(results) == 3 and all(json.loads(r)["passed"] for r in results)
+    # Scoring again rewrites our own results file; a file of the user's at that path is left alone.
+    assert main(["eval", "humaneval", "--samples", str(samples), "--workers", "2"]) == 0
+    capsys.readouterr()
+    (tmp_path / "canonical.jsonl_results.jsonl").write_text("my notes\n")
+    _fails(["eval", "humaneval", "--samples", str(samples)], capsys, "is not a results file written by")
+    assert (tmp_path / "canonical.jsonl_results.jsonl").read_text() == "my notes\n"
 
 
 def test_eval_mbpp_scores_a_samples_file(tmp_path, capsys):
