@@ -22,9 +22,8 @@ from multitoken.studies.scaling.from_csv import (
     scaling_fit,
 )
 
-CHINCHILLA_CSV = (
-    Path(__file__).resolve().parents[3].parent / "shared" / "data" / "chinchilla_svg_extracted_data.csv"
-)
+CHINCHILLA_CSV = Path(__file__).resolve().parents[3] / "examples" / "chinchilla.csv"
+"""The Chinchilla points the repository ships (the shared data's chinchilla_svg_extracted_data.csv)."""
 EPOCH = {"E": 1.817, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
 """Besiroglu et al. 2024 (Epoch AI), Approach-3 replication on this data, 5 highest losses dropped."""
 EPOCH_SE = {"A": 124.58, "B": 1293.23}
@@ -104,7 +103,7 @@ def test_no_converged_start_raises():
 
 # ---- Epoch AI's replication on Hoffmann et al.'s data -----------------------------------------------
 
-needs_data = pytest.mark.skipif(not CHINCHILLA_CSV.is_file(), reason="shared/data not present")
+needs_data = pytest.mark.skipif(not CHINCHILLA_CSV.is_file(), reason="examples/chinchilla.csv not present")
 
 
 @needs_data
