@@ -1,7 +1,9 @@
 """`multitoken import` / `export`: a transformers directory in, a checkpoint that generates, and back out."""
 
 import json
+import shutil
 
+import huggingface_hub.constants as hub_constants
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -119,3 +121,26 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "taken"]
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+
+
+def test_hf_names_import_offline_from_a_filled_hub_cache(tmp_path, monkeypatch, capsys):
+    """`import hf:ORG/NAME` goes through huggingface_hub's cache: offline, a cached snapshot is enough."""
+    source = tmp_path / "source"
+    hf, _ = write_llama_dir(source)
+    cache = tmp_path / "hub"
+    revision = "0" * 40  # the layout huggingface_hub writes: refs/main names the snapshot
+    snapshot = cache / "models--org--tiny-llama" / "snapshots" / revision
+    shutil.copytree(source, snapshot)
+    (cache / "models--org--tiny-llama" / "refs").mkdir()
+    (cache / "models--org--tiny-llama" / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert main(["import", "hf:org/tiny-llama", "--out", str(tmp_path / "run")]) == 0
+    model, _ = load_checkpoint(tmp_path / "run")
+    tokens_BT = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens_BT)[:, :, 0], hf(tokens_BT).logits, atol=1e-4, rtol=1e-4)
+    assert main(["import", "hf:org/not-cached", "--out", str(tmp_path / "other")]) == 2
+    assert "cannot fetch org/not-cached" in capsys.readouterr().err and not (tmp_path / "other").exists()
