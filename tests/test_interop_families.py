@@ -1,6 +1,8 @@
 """Import of every supported `transformers` family: logits equal transformers' own (float32)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -96,6 +98,35 @@ def test_a_sharded_directory_imports_like_one_file(tmp_path):
         logits = ours(tokens_BT)
         torch.testing.assert_close(logits[:, :, 0], hf(tokens_BT).logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[:, :, 1], logits[:, :, 0])  # a new linear head is the identity
+
+
+PEAK_SCRIPT = """
+import sys, torch, transformers, safetensors.torch  # libraries loaded before the window
+from multitoken import from_hf
+from multitoken.studies.measure import current_memory_mib, peak_memory_mib, reset_peak_memory
+from_hf(sys.argv[2])  # a tiny import first, so the lazy imports of the importer are outside the window too
+cpu = torch.device("cpu")
+reset_peak_memory(cpu)
+base = current_memory_mib(cpu)
+model = from_hf(sys.argv[1])
+print(peak_memory_mib(cpu) - base, sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak resident size from /proc")
+def test_a_sharded_import_holds_the_model_once(tmp_path):
+    """A fresh process imports a 40 MB model from 4 MB shards: its resident size grows by about one copy."""
+    config = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "big", max_shard_size="4MB")
+    random_hf("qwen2").save_pretrained(tmp_path / "tiny")
+    argv = [sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "big"), str(tmp_path / "tiny")]
+    out = subprocess.run(argv, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    peak_mib, model_mib = map(float, out.stdout.split())
+    assert model_mib > 35 and peak_mib < 1.5 * model_mib  # two full copies would be 2x
 
 
 def write_config(path, **values):
