@@ -345,7 +345,7 @@ class DraftPolicy:
                 self._seconds_cache.clear()
                 self._best_cache = None
         self.probe_accepted = False
-        if not record.reached_J:
+        if not any(record.reached_J):  # no row reached a draft: no evidence (plain steps, last tokens)
             return
         self.stats.decay(len(record.reached_J))
         self.stats.add(record)
