@@ -124,6 +124,8 @@ def distill_data(cfg: DistillDataConfig) -> None:
     from multitoken.files import check_output_parent
 
     check_output_parent(cfg.out, "corpus")
+    if Path(cfg.out).exists():  # a corpus is minutes or hours of generation: never overwrite one
+        raise UserError(f"{cfg.out} already exists; remove it or give another --out")
     model, tokenizer = load_checkpoint(cfg.checkpoint, device=resolve_device(cfg.device))
     if tokenizer is None:
         raise UserError(

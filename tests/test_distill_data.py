@@ -84,6 +84,7 @@ def test_bad_input_is_one_line_and_writes_nothing(data, base, tmp_path, capsys):
     run, _, _ = base
     (tmp_path / "bad.jsonl").write_text('{"text": "no prompt key"}\n')
     out = tmp_path / "out.jsonl"
+    (tmp_path / "kept.jsonl").write_text("mine\n")
     common = ["distill-data", "--checkpoint", str(run), "--device", "cpu"]
     cases = [
         ([*common, "--out", str(out)], "exactly one of --prompt-file and --from-data"),
@@ -99,9 +100,11 @@ def test_bad_input_is_one_line_and_writes_nothing(data, base, tmp_path, capsys):
             [*common, "--out", str(out), "--from-data", str(data), "--prompt-kind", "code"],
             "no function headers",
         ),
+        ([*common, "--out", str(tmp_path / "kept.jsonl"), "--from-data", str(data)], "already exists"),
     ]
     for argv, message in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "kept.jsonl"]
+    assert (tmp_path / "kept.jsonl").read_text() == "mine\n"
