@@ -116,20 +116,26 @@ def _head_distill_backward(
 def _head_backward(
     model: MultiTokenLM, z_BTD: Tensor, target_BT: Tensor, scale: float, chunk_size: int
 ) -> Tensor:
-    """Backward of scale * sum CE for one head, chunked over its valid positions; returns the CE sum."""
+    """Backward of scale * sum CE for one head, chunked over its valid positions; returns the CE sum.
+
+    A head with nothing to train (the next-token head on a frozen base) only measures its loss.
+    """
     valid_M = (target_BT.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
     z_MD = z_BTD.reshape(-1, z_BTD.shape[-1]).index_select(0, valid_M)
     target_M = target_BT.reshape(-1).index_select(0, valid_M)
-    z_detached_MD = z_MD.detach().requires_grad_()
+    trains = z_MD.requires_grad or any(p.requires_grad for p in model.output.parameters())
+    z_detached_MD = z_MD.detach().requires_grad_(trains)
     loss_sum = torch.zeros((), device=z_BTD.device)
     for start in range(0, target_M.numel(), chunk_size):
         # No name for the logits: autograd frees them during backward instead of keeping a chunk alive.
-        chunk_loss = F.cross_entropy(
-            model.logits(z_detached_MD[start : start + chunk_size]).float(),
-            target_M[start : start + chunk_size],
-            reduction="sum",
-        )
-        (chunk_loss * scale).backward()
+        with torch.set_grad_enabled(trains):
+            chunk_loss = F.cross_entropy(
+                model.logits(z_detached_MD[start : start + chunk_size]).float(),
+                target_M[start : start + chunk_size],
+                reduction="sum",
+            )
+        if trains:
+            (chunk_loss * scale).backward()
         loss_sum += chunk_loss.detach()
     if z_detached_MD.grad is not None:
         z_MD.backward(z_detached_MD.grad)
@@ -180,7 +186,8 @@ def multi_token_backward(
     sequential = config.head_style == "sequential"
     # Roots are where head gradients are gathered: the trunk output, or every depth of the sequential chain.
     roots = model.head_states(h_BTD, tokens_BT, rope) if sequential else [h_BTD]
-    detached_roots = [r.detach().requires_grad_() for r in roots]
+    # A frozen trunk (training heads only) built no graph: its roots gather no gradient either.
+    detached_roots = [r.detach().requires_grad_(r.requires_grad) for r in roots]
 
     losses: list[float] = []
     teacher_BTD = None  # the next-token head's state, computed once when distilling
@@ -203,12 +210,7 @@ def multi_token_backward(
             loss_sum = _head_backward(model, z_BTD, targets_BTN[..., i], scale, chunk_size)
         losses.append(loss_sum.item() / max(int(counts_N[i]), 1))
 
-    # A frozen trunk (training heads only) built no graph: its roots need no backward.
-    pairs = [
-        (r, d.grad)
-        for r, d in zip(roots, detached_roots, strict=True)
-        if d.grad is not None and r.requires_grad
-    ]
+    pairs = [(r, d.grad) for r, d in zip(roots, detached_roots, strict=True) if d.grad is not None]
     if pairs:
         torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
     return losses
