@@ -513,6 +513,18 @@ def test_a_moved_run_resumes_where_it_now_lives(good_run, tmp_path, capsys):
     assert (moved / "checkpoints" / "step_000003").is_dir()
 
 
+JSONL_PROMPTS = b'{"prompt": "def add(a, b):"}\n'  # truncated, it ends mid-object
+
+
+@pytest.mark.parametrize("kind", [*corruptions(JSONL_PROMPTS, json_file=True), "no-prompt-key"])
+def test_a_bad_jsonl_prompt_file(good_run, tmp_path, capsys, kind):
+    path = tmp_path / "prompts.jsonl"
+    damaged = {**corruptions(JSONL_PROMPTS, json_file=True), "no-prompt-key": b'{"text": "def f("}\n'}
+    path.write_bytes(damaged[kind])
+    argv = ["generate", "--checkpoint", str(good_run), "--prompt-file", str(path), "--max-new-tokens", "2"]
+    refused(capsys, argv, tmp_path, good_run)
+
+
 @pytest.mark.parametrize("kind", ["empty", "blank-lines", "garbage", "non-utf8", "a-folder"])
 def test_a_bad_prompt_file(good_run, tmp_path, capsys, kind):
     path = tmp_path / "prompts.txt"
