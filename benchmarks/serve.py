@@ -31,10 +31,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import httpx
 import torch
-from common import machine_description, markdown_table, median, today
+from common import machine_description, markdown_table, today
 
 from multitoken.checkpoint import load_checkpoint, save_checkpoint
 from multitoken.config import preset_config

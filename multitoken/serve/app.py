@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from multitoken.errors import UserError
 from multitoken.sampling import SamplingParams
 from multitoken.serve.chat import ChatRenderer
+from multitoken.serve.engine import EngineProcess
 from multitoken.serve.metrics import ServerMetrics
 from multitoken.serve.protocol import (
     ChatCompletionRequest,
@@ -80,9 +81,10 @@ def _error_response(status: int, message: str, type_: str, param=None, code=None
 
 @dataclass
 class ServerState:
-    """What the routes share: the scheduler, tokenizer, names and limits."""
+    """What the routes share: the engine, tokenizer, names and limits."""
 
-    scheduler: Scheduler
+    engine: Scheduler | EngineProcess
+    """The scheduler on a thread of this process, or in a process of its own (`--engine`)."""
     tokenizer: object
     chat: ChatRenderer
     model_name: str
@@ -97,7 +99,7 @@ class ServerState:
 
     @property
     def context(self) -> int:
-        return self.scheduler.context
+        return self.engine.context
 
 
 # ---- the guard ---------------------------------------------------------------------------------------
@@ -289,7 +291,7 @@ class Pending:
         rows = [j for j in self.jobs if isinstance(j, Row)]
         scores = [j for j in self.jobs if isinstance(j, ScoreJob)]
         try:
-            self.state.scheduler.submit(rows, scores)
+            self.state.engine.submit(rows, scores)
         except UserError as err:
             raise ApiError(400, str(err), "invalid_request_error", "n") from None
         except EngineStopped as err:
@@ -300,8 +302,7 @@ class Pending:
             raise error from None
 
     def cancel(self) -> None:
-        for job in self.jobs:
-            job.cancel()
+        self.state.engine.cancel(self.jobs)
 
     @property
     def open(self) -> int:
@@ -423,7 +424,7 @@ def _budget(state: ServerState, prompt: list[int], max_tokens: int | None) -> in
 def _prompt_ids(state: ServerState, prompt) -> list[list[int]]:
     """The request's prompts as token-id lists (strings encoded), each checked against the vocabulary."""
     prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
-    vocab = state.scheduler.model.config.vocab_size
+    vocab = state.engine.vocab_size
     out = []
     for p in prompts:
         ids = state.tokenizer.encode(p) if isinstance(p, str) else list(p)
@@ -528,13 +529,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def health():
         if state.draining:
             return _error_response(503, "the server is shutting down", "service_unavailable")
-        if not state.scheduler.ready:
+        if not state.engine.ready:
             return _error_response(503, "the model is not ready", "service_unavailable")
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        running, waiting = state.scheduler.load()
+        running, waiting = state.engine.load()
         state.metrics.queue_depth.set(waiting)
         state.metrics.batch_occupancy.set(running)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -576,7 +577,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(body: dict):
         ids = body.get("tokens")
-        vocab = state.scheduler.model.config.vocab_size
+        vocab = state.engine.vocab_size
         if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
             raise ApiError(
                 400, "detokenize takes {'tokens': [ids in the vocabulary]}", "invalid_request_error"

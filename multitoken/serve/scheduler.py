@@ -116,6 +116,21 @@ class EngineStopped(Exception):
     """The scheduler is shutting down or its thread has ended."""
 
 
+def check_room(live_rows: int, new_rows: int, capacity: int, max_queue: int) -> None:
+    """Admit `new_rows` beside `live_rows` (running or waiting), or raise: UserError when the request
+    alone exceeds batch + queue, QueueFull when there is no room for it now."""
+    if new_rows > capacity + max_queue:
+        raise UserError(
+            f"the request needs {new_rows} rows (prompts x n) but the server holds at most "
+            f"{capacity + max_queue} ({capacity} in the batch, {max_queue} waiting)"
+        )
+    if live_rows + new_rows > capacity + max_queue:
+        waiting = max(live_rows - capacity, 0)
+        raise QueueFull(
+            f"{waiting} rows are waiting for the batch (limit {max_queue} beyond its {capacity} rows)"
+        )
+
+
 class Scheduler:
     """Owns the model on one background thread; `submit` rows and scoring jobs from any thread."""
 
@@ -164,6 +179,9 @@ class Scheduler:
         self._sampling_stale = True
         self._extra_slots = 0
         self.batch: DecodeBatch | None = None
+        self.on_iteration: Callable[[], None] | None = None
+        """Called on the thread after each iteration, once its events are out (the engine process
+        sends them to the server then)."""
         self._thread = threading.Thread(target=self._run, name="multitoken-scheduler", daemon=True)
 
     # ---- the caller's side ---------------------------------------------------------------------------
@@ -182,28 +200,28 @@ class Scheduler:
     def submit(self, rows: Sequence[Row], scores: Sequence[ScoreJob] = ()) -> None:
         """Queue a request's rows and scoring jobs together, or raise (QueueFull, EngineStopped, or a
         UserError when the request alone exceeds batch + queue); nothing is queued then."""
-        if len(rows) > self.capacity + self.max_queue:
-            raise UserError(
-                f"the request needs {len(rows)} rows (prompts x n) but the server holds at most "
-                f"{self.capacity + self.max_queue} ({self.capacity} in the batch, {self.max_queue} waiting)"
-            )
         with self._cv:
             if self._stopping or self._failed is not None or not self._thread.is_alive():
                 raise EngineStopped("the decoding engine is not running")
             if any(row.cancelled for row in self._waiting):
                 self._waiting = deque(row for row in self._waiting if not row.cancelled)
-            free = self.capacity - sum(not (row.cancelled or row.output.done) for row in self._rows)
-            if len(self._waiting) + len(rows) > self.max_queue + free:
-                raise QueueFull(
-                    f"{len(self._waiting)} rows are waiting for the batch (limit {self.max_queue} beyond "
-                    f"its {self.capacity} rows)"
-                )
+            running = sum(not (row.cancelled or row.output.done) for row in self._rows)
+            check_room(running + len(self._waiting), len(rows), self.capacity, self.max_queue)
             for row in rows:
                 row.output = RowOutput(row.max_tokens, self.eos_id, row.stop, self.tokenizer)
                 self._waiting.append(row)
             self._scores.extend(scores)
             self._gauge()
             self._cv.notify()
+
+    def cancel(self, jobs: Sequence[Row | ScoreJob]) -> None:
+        """Cancel rows and jobs; their slots are freed at the next iteration."""
+        for job in jobs:
+            job.cancel()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the thread; rows still running get an error event."""
@@ -304,6 +322,8 @@ class Scheduler:
                     if not job.cancelled:
                         job.sink(("error", "the decoding engine failed on this batch"))
                 self._new_batch()
+            if self.on_iteration is not None:
+                self.on_iteration()
         self._fail_all("the server is shutting down")
 
     def _iterate(self, scores: list[ScoreJob], admitted: list[Row]) -> None:
@@ -478,3 +498,5 @@ class Scheduler:
                 row.sink(("error", message))
         for job in scores:
             job.sink(("error", message))
+        if self.on_iteration is not None:
+            self.on_iteration()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -61,38 +62,52 @@ def build_state(
     compile: bool = False,
     max_body_bytes: int = 1 << 20,
     request_timeout: float = 600.0,
+    engine: str = "process",
 ):
-    """Model, tokenizer, chat template and a started scheduler, as the app's ServerState."""
-    from multitoken.checkpoint import load_checkpoint, resolve_checkpoint
+    """Tokenizer, chat template and a started engine, as the app's ServerState. With `engine`
+    "process" the model lives in the engine process only; "thread" loads it here."""
+    from multitoken.checkpoint import CONFIG, load_checkpoint, resolve_checkpoint
+    from multitoken.config import ModelConfig
     from multitoken.serve.app import ServerState
     from multitoken.serve.chat import ChatRenderer
+    from multitoken.serve.engine import EngineProcess, EngineSpec
     from multitoken.serve.metrics import ServerMetrics
     from multitoken.serve.scheduler import Scheduler
+    from multitoken.tokenizer import load_tokenizer
 
+    if engine not in ("process", "thread"):
+        raise UserError(f"--engine takes process or thread, got {engine!r}")
     device = resolve_device(device)
     cast = resolve_dtype(dtype, device)
     ckpt = resolve_checkpoint(checkpoint)
-    model, tokenizer = load_checkpoint(ckpt, device=device)
-    if tokenizer is None:
+    if not any((ckpt / name).exists() for name in ("tokenizer.json", "tokenizer.tiktoken")):
         raise UserError(f"checkpoint {checkpoint} has no tokenizer, so text cannot be encoded")
-    if cast is not None:
-        model = model.to(cast)
-    model.eval()
     metrics = ServerMetrics()
     metrics.batch_capacity.set(max_batch_size)
-    scheduler = Scheduler(
-        model,
-        tokenizer,
-        max_batch_size=max_batch_size,
-        max_queue=max_queue,
-        speculative=speculative,
-        compile=compile,
-        metrics=metrics,
-    )
-    scheduler.start()
+    if engine == "process":
+        config = ModelConfig.load(ckpt / CONFIG)
+        tokenizer = load_tokenizer(ckpt)
+        spec = EngineSpec(str(ckpt), device, dtype, max_batch_size, max_queue, speculative, compile)
+        runner = EngineProcess(
+            spec, context=config.max_seq_len, vocab_size=config.vocab_size, metrics=metrics
+        )
+    else:
+        model, tokenizer = load_checkpoint(ckpt, device=device)
+        if cast is not None:
+            model = model.to(cast)
+        runner = Scheduler(
+            model.eval(),
+            tokenizer,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            speculative=speculative,
+            compile=compile,
+            metrics=metrics,
+        )
+    runner.start()
     name = served_model_name or Path(checkpoint).resolve().name
     return ServerState(
-        scheduler=scheduler,
+        engine=runner,
         tokenizer=tokenizer,
         chat=ChatRenderer.from_checkpoint(ckpt, tokenizer),
         model_name=name,
@@ -121,6 +136,9 @@ def _draining_server(grace_period: float):
             self.should_exit = self.force_exit = True
 
         async def on_tick(self, counter: int) -> bool:
+            if getattr(self.state.engine, "dead", False) and not self.should_exit:
+                log.error("the decoding engine died: the server exits")
+                self.should_exit = True
             if self.drain_started is not None and not self.should_exit:
                 idle = self.state.in_flight == 0
                 if idle or time.monotonic() - self.drain_started > grace_period:
@@ -146,6 +164,7 @@ def serve_cli(
     request_timeout: float = 600.0,
     grace_period: float = 30.0,
     log_level: str = "info",
+    engine: Literal["process", "thread"] = "process",
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API, with continuous batching.
 
@@ -173,6 +192,8 @@ def serve_cli(
         request_timeout: seconds a request may take before it is cancelled (504).
         grace_period: seconds in-flight requests may take to finish after SIGTERM/SIGINT.
         log_level: uvicorn's log level (critical, error, warning, info, debug).
+        engine: process (the model decodes in a process of its own, so HTTP work and decoding run
+            in parallel) or thread (one process; for debugging, or where processes cannot start).
     """
     _require_extra()
     import uvicorn
@@ -197,6 +218,7 @@ def serve_cli(
         compile=compile,
         max_body_bytes=max_body_bytes,
         request_timeout=request_timeout,
+        engine=engine,
     )
     try:
         config = uvicorn.Config(
@@ -209,4 +231,10 @@ def serve_cli(
         if getattr(server, "started", True) is False:
             raise UserError(f"cannot serve on {host}:{port} (address in use or not available)")
     finally:
-        state.scheduler.stop(timeout=10)
+        state.engine.stop(timeout=10)
+    if getattr(state.engine, "dead", False) and not state.draining:
+        print(
+            f"multitoken serve: the decoding engine died (exit code {state.engine.exit_code}); see the log",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -23,6 +19,8 @@ import torch
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
+
+from serving import alive, engine_pid, start_server, wait_until  # noqa: E402
 
 from multitoken.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from multitoken.generate import generate  # noqa: E402
@@ -41,12 +39,6 @@ TEMPLATE = (
     "{% if add_generation_prompt %}[assistant]{% endif %}"
 )
 PROMPTS = [f"def f{i}(x):\n    return x * {i}" for i in range(16)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -71,26 +63,11 @@ def reference(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    port = _free_port()
-    argv = [sys.executable, "-m", "multitoken", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
-    argv += ["--api-key", KEY, "--dtype", "float64", "--device", "cpu", "--max-batch-size", "16"]
-    argv += ["--max-queue", str(MAX_QUEUE), "--max-body-bytes", str(BODY_CAP), "--log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server did not become healthy")
+    proc, base = start_server(
+        checkpoint,
+        *("--api-key", KEY, "--max-batch-size", "16", "--max-queue", str(MAX_QUEUE)),
+        *("--max-body-bytes", str(BODY_CAP)),
+    )
     yield proc, base
     if proc.poll() is None:
         proc.kill()
@@ -334,9 +311,10 @@ def test_lm_eval_local_completions_equals_the_adapter(server, checkpoint, refere
     assert ours == pytest.approx(theirs, abs=1e-4)
 
 
-def test_sigterm_drains_then_exits_zero(server, client):
+def test_sigterm_drains_then_exits_zero_and_leaves_no_engine(server, client):
     """Last: the module's server stops here."""
     proc, base = server
+    engine = engine_pid(proc.pid)
     with httpx.Client(headers=_auth(), timeout=30) as http:
         body = {"prompt": "z", "max_tokens": 600, "temperature": 0}  # still running after the signal
         with _stream_lines(http, base, body) as running:
@@ -351,3 +329,4 @@ def test_sigterm_drains_then_exits_zero(server, client):
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][5:])["choices"][0]["finish_reason"] == "length"
     assert proc.wait(timeout=30) == 0
+    assert wait_until(lambda: not alive(engine), 10)
