@@ -5,24 +5,27 @@ offline batched `generate()` at the same batch size, with and without self-specu
     python benchmarks/serve.py                                   # a random debug model, seconds
     python benchmarks/serve.py --checkpoint runs/demo --soak 10000 --clients 32 --speculative auto
 
-For each --speculative mode a server starts on a free loopback port (--max-batch-size = the largest
-client count). For each client count C, C clients send --requests greedy streaming requests in all,
-each client one at a time; we record time to first token, request latency and usage tokens. The offline
-figure decodes the same prompts with `generate()` in batches of C in this process (the server idle), so
-`ratio` = served tokens/s / offline tokens/s. With --soak N, N more requests run against the last server
-and its resident memory (VmRSS) is read after the first tenth of them and at the end. Every loop is
-bounded by a count and by --time-limit seconds. Prints markdown tables.
+For each --engine and --speculative mode a server starts on a free loopback port (--max-batch-size =
+the largest client count). For each client count C, C clients send --requests greedy streaming
+requests in all, each client one at a time; we record time to first token, request latency and usage
+tokens. The offline figure decodes the same prompts with `generate()` in batches of C in this process
+(the server idle), so `ratio` = served tokens/s / offline tokens/s. Served and offline runs alternate
+--repeats times and the medians are reported (the ratio's range beside it). With --soak N, N more
+requests run against the last server and its resident memory (VmRSS, the server's and its engine
+process's) is read after the first tenth of them and at the end. Every loop is bounded by a count and
+by --time-limit seconds. Prints markdown tables.
 
-Besides wall-clock tokens/s, each side's tokens per CPU second: the server process's CPU time (every
-thread: scheduler, event loop) against this process's during the offline run. On a machine shared
-with other jobs the CPU ratio is the fair one, since a server whose threads hand work to each other
-waits in the run queue at each hand-off while a single busy offline loop keeps its core.
+Besides wall-clock tokens/s, each side's tokens per CPU second: the server's CPU time (every thread
+of the HTTP process and of its engine process) against this process's during the offline run. On a
+machine shared with other jobs the CPU ratio is the fairer one: the server needs two processes (and
+the clients a third) to make progress where the offline loop needs one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -63,6 +66,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=64, help="requests per client count")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--speculative", default="off,auto", help="server modes to compare (off, on, auto)")
+    parser.add_argument(
+        "--engine", default="process", help="server engines to compare, comma separated (process, thread)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="served and offline runs alternated per row; medians reported"
+    )
     parser.add_argument("--soak", type=int, default=0, help="requests of the memory soak (0: none)")
     parser.add_argument("--soak-max-tokens", type=int, default=16)
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per phase at most")
@@ -87,10 +96,19 @@ def random_checkpoint(directory: Path, n_future: int) -> Path:
     return run
 
 
-def start_server(checkpoint: str, mode: str, batch: int, device: str, threads: int):
+def start_server(checkpoint: str, mode: str, batch: int, device: str, threads: int, engine: str = "process"):
     port = free_port()
     argv = [sys.executable, "-m", "multitoken", "serve", "--checkpoint", checkpoint, "--port", str(port)]
-    argv += ["--speculative", mode, "--max-batch-size", str(batch), "--max-queue", str(4 * batch)]
+    argv += [
+        "--engine",
+        engine,
+        "--speculative",
+        mode,
+        "--max-batch-size",
+        str(batch),
+        "--max-queue",
+        str(4 * batch),
+    ]
     argv += ["--device", device, "--log-level", "warning", "--served-model-name", "bench"]
     env = dict(os.environ)
     if threads:
@@ -111,17 +129,39 @@ def start_server(checkpoint: str, mode: str, batch: int, device: str, threads: i
     raise SystemExit("the server did not become healthy in 300 s")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the server and its engine process), from /proc."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                pids += [int(k) for k in (task / "children").read_text().split()]
+        i += 1
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its children, every thread, from /proc."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of a process and its children."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith("VmRSS:"))
+    return total
 
 
 async def one_request(http: httpx.AsyncClient, base: str, prompt: str, max_tokens: int) -> dict:
@@ -212,50 +252,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     clients = [int(c) for c in args.clients.split(",") if c]
     modes = [m for m in args.speculative.split(",") if m]
+    engines = [e for e in args.engine.split(",") if e]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or str(random_checkpoint(Path(tmp), args.n_future))
         model, tokenizer = load_checkpoint(checkpoint, device=args.device)
         model.eval()
         rows, soak_row = [], None
-        for mode in modes:
-            proc, base = start_server(checkpoint, mode, max(clients), args.device, args.threads)
-            try:
-                for c in clients:
-                    asyncio.run(run_clients(base, c, min(c, args.requests), args.max_tokens, 60))  # warm-up
-                    cpu_start = cpu_seconds(proc.pid)
-                    results, wall = asyncio.run(
-                        run_clients(base, c, args.requests, args.max_tokens, args.time_limit)
-                    )
-                    ok = [r for r in results if r["ok"]]
-                    tokens = sum(r["tokens"] for r in ok)
-                    served, served_cpu = tokens / wall, tokens / (cpu_seconds(proc.pid) - cpu_start)
-                    offline, offline_cpu = offline_tokens_per_s(
-                        model, tokenizer, c, args.requests, args.max_tokens, mode
-                    )
-                    ttft = [r["ttft"] for r in ok]
-                    latency = [r["latency"] for r in ok]
-                    rows.append(
-                        [
-                            mode,
-                            c,
-                            len(results),
-                            len(results) - len(ok) + (args.requests - len(results)),
-                            f"{served:.0f}",
-                            f"{offline:.0f}",
-                            f"{served / offline:.2f}",
-                            f"{served_cpu:.0f}",
-                            f"{offline_cpu:.0f}",
-                            f"{served_cpu / offline_cpu:.2f}",
-                            f"{median(ttft) * 1e3:.0f} / {percentile(ttft, 0.99) * 1e3:.0f}",
-                            f"{median(latency) * 1e3:.0f} / {percentile(latency, 0.99) * 1e3:.0f}",
-                        ]
-                    )
-                    print(markdown_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
-                if args.soak and mode == modes[-1]:
-                    soak_row = soak(proc, base, max(clients), args)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
+        for engine in engines:
+            for mode in modes:
+                proc, base = start_server(checkpoint, mode, max(clients), args.device, args.threads, engine)
+                try:
+                    for c in clients:
+                        rows.append(measure_row(proc, base, model, tokenizer, engine, mode, c, args))
+                        print(markdown_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
+                    if args.soak and (engine, mode) == (engines[-1], modes[-1]):
+                        soak_row = soak(proc, base, max(clients), args)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=60)
     print(
         f"\n{today()}, {machine_description(args.device)}; checkpoint {args.checkpoint or 'random debug'}, "
         f"{args.requests} greedy streaming requests of {args.max_tokens} tokens per row\n"
@@ -266,14 +280,51 @@ def main() -> None:
         print(markdown_table(SOAK_HEADERS, [soak_row]))
 
 
+def measure_row(proc, base: str, model, tokenizer, engine: str, mode: str, c: int, args) -> list:
+    """`args.repeats` served runs alternated with offline runs at `c` clients: medians of each."""
+    asyncio.run(run_clients(base, c, min(c, args.requests), args.max_tokens, 60))  # warm-up
+    served, served_cpu, offline, offline_cpu, ratio, cpu_ratio, results = [], [], [], [], [], [], []
+    for _ in range(args.repeats):
+        cpu_start = cpu_seconds(proc.pid)
+        run, wall = asyncio.run(run_clients(base, c, args.requests, args.max_tokens, args.time_limit))
+        tokens = sum(r["tokens"] for r in run if r["ok"])
+        served.append(tokens / wall)
+        served_cpu.append(tokens / (cpu_seconds(proc.pid) - cpu_start))
+        results += run
+        wall_rate, cpu_rate = offline_tokens_per_s(model, tokenizer, c, args.requests, args.max_tokens, mode)
+        offline.append(wall_rate)
+        offline_cpu.append(cpu_rate)
+        ratio.append(served[-1] / offline[-1])
+        cpu_ratio.append(served_cpu[-1] / offline_cpu[-1])
+    ok = [r for r in results if r["ok"]]
+    ttft, latency = [r["ttft"] for r in ok], [r["latency"] for r in ok]
+    expected = args.requests * args.repeats
+    return [
+        engine,
+        mode,
+        c,
+        len(results),
+        len(results) - len(ok) + (expected - len(results)),
+        f"{median(served):.0f}",
+        f"{median(offline):.0f}",
+        f"{median(ratio):.2f} ({min(ratio):.2f}-{max(ratio):.2f})",
+        f"{median(served_cpu):.0f}",
+        f"{median(offline_cpu):.0f}",
+        f"{median(cpu_ratio):.2f}",
+        f"{median(ttft) * 1e3:.0f} / {percentile(ttft, 0.99) * 1e3:.0f}",
+        f"{median(latency) * 1e3:.0f} / {percentile(latency, 0.99) * 1e3:.0f}",
+    ]
+
+
 HEADERS = [
+    "engine",
     "speculative",
     "clients",
     "requests",
     "failed",
     "served tok/s",
     "offline tok/s",
-    "wall ratio",
+    "wall ratio (min-max)",
     "served tok/CPU-s",
     "offline tok/CPU-s",
     "CPU ratio",
