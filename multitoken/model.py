@@ -404,6 +404,11 @@ class MultiTokenLM(nn.Module):
             return self.output(z_BTD)
         return self.output(self.norm(z_BTD))
 
+    def next_token_logits(self, tokens_BT: Tensor) -> Tensor:
+        """`logits_BTV` of the next-token head alone, without a cache (the other heads are not run)."""
+        rope = self.rope_context(tokens_BT, None)
+        return self.logits(self.head_forward(0, self.trunk_forward(tokens_BT, rope), rope))
+
     def forward(self, tokens_BT: Tensor, input_pos_BT: Tensor | None = None) -> Tensor:
         """Logits of every head, shape (B, T, N, V). For inspection and tests; training never needs them all."""
         rope = self.rope_context(tokens_BT, input_pos_BT)

@@ -238,8 +238,15 @@ class Choice:
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
     reason: str | None = None
-    logprobs: TokenLogprobs | None = None
+    logprobs: TokenLogprobs = field(default_factory=lambda: TokenLogprobs([], []))
+    """Of the generated tokens, as they arrive (rows that asked for log-probabilities)."""
+    prompt_logprobs: TokenLogprobs | None = None
+    """Of the prompt's tokens 1.., once the row is done (echo with logprobs)."""
     generated: int = 0
+    streamed: int = 0
+    """Generated tokens already covered by a streamed chunk."""
+    text_offset: int = 0
+    """Characters of text already streamed (for a chunk's logprobs text_offset)."""
 
 
 class Pending:
@@ -262,7 +269,14 @@ class Pending:
         self._notifier.mark(self._ready)
 
     def add_row(
-        self, prompt: list[int], params: SamplingParams, max_tokens: int, stop, seed, logprobs
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        stop,
+        seed,
+        logprobs: int | None,
+        prompt_logprobs: bool = False,
     ) -> None:
         index = len(self.choices)
         self.choices.append(Choice(IncrementalText(self.state.tokenizer, stop), prompt))
@@ -275,6 +289,7 @@ class Pending:
                 stop=list(stop),
                 seed=seed,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
         )
 
@@ -308,11 +323,13 @@ class Pending:
     def open(self) -> int:
         return sum(c.reason is None for c in self.choices)
 
-    async def events(self, stream: bool = True) -> AsyncIterator[tuple[int, str]]:
-        """(choice, new text) as tokens arrive, until every choice is done; applies events to choices.
+    async def events(self, stream: bool = True) -> AsyncIterator[tuple[int, str, range]]:
+        """(choice, new text, generated tokens it covers) as tokens arrive, until every choice is done;
+        applies events to choices.
 
-        Events that arrived together are merged: one (choice, text) per choice that has new text or
-        just finished. Without `stream` the text is decoded once at the end, not as it grows.
+        Events that arrived together are merged: one item per choice that has new text or just
+        finished. Tokens whose text is held back (a possible stop string, half a character) are covered
+        by the next item. Without `stream` the text is decoded once at the end, not as it grows.
         """
         while self.open:
             self._ready.clear()
@@ -333,11 +350,18 @@ class Pending:
                 index, event = self._inbox.popleft()
                 choice, kind = self.choices[index], event[0]
                 if kind == "tokens":
-                    choice.tokens.extend(event[1])
-                    new.setdefault(index, []).extend(event[1])
+                    _, ids, logprobs = event
+                    choice.tokens.extend(ids)
+                    new.setdefault(index, []).extend(ids)
+                    if logprobs is not None:
+                        choice.logprobs.chosen.extend(logprobs.chosen)
+                        choice.logprobs.top.extend(logprobs.top)
+                elif kind == "prompt":
+                    choice.prompt_logprobs = event[1]
                 elif kind == "done":
                     _, reason, scored = event
-                    choice.logprobs = scored
+                    if scored is not None:  # a scoring job's
+                        choice.prompt_logprobs = scored
                     choice.reason = "length" if reason in ("length", "score") else "stop"
                     choice.generated = len(choice.tokens) + (reason == "eos")
                     finished.append(index)
@@ -355,7 +379,10 @@ class Pending:
                 if index in finished:
                     delta += text.finish()
                 if delta or index in finished:
-                    yield index, delta
+                    choice = self.choices[index]
+                    covered = range(choice.streamed, len(choice.tokens))
+                    choice.streamed = len(choice.tokens)
+                    yield index, delta, covered
 
     async def wait(self, request: Request) -> None:
         """Until every choice is done; the client leaving cancels the rows."""
@@ -447,48 +474,78 @@ def _token_str(tokenizer, token: int) -> str:
     return tokenizer.decode([token])
 
 
-def _completion_logprobs(tokenizer, choice: Choice, echo: bool, k: int, start_offset: int) -> dict:
-    """OpenAI's legacy completion logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-    scored = choice.logprobs
-    n_prompt, n_out = len(choice.prompt), len(choice.tokens)
-    ids = (choice.prompt if echo else []) + choice.tokens
-    chosen: list[float | None] = []
-    tops: list[dict | None] = []
+Entry = tuple[int, float | None, list[tuple[int, float]] | None]
+"""A token with its log-prob and top alternatives (None for a prompt's first token)."""
+
+
+def _logprob_entries(choice: Choice, echo: bool, covered: range) -> list[Entry]:
+    """The echoed prompt's tokens (when `echo`), then the generated tokens in `covered`."""
+    entries: list[Entry] = []
     if echo:
-        chosen.append(None)
-        tops.append(None)
-    first = 0 if echo else n_prompt - 1  # scored[t] is the log-prob of sequence token t + 1
-    for t in range(first, n_prompt - 1 + n_out):
-        chosen.append(scored.chosen[t])
-        top = {_token_str(tokenizer, i): v for i, v in scored.top[t][:k]}
-        top.setdefault(_token_str(tokenizer, (choice.prompt + choice.tokens)[t + 1]), scored.chosen[t])
-        tops.append(top)
-    tokens = [_token_str(tokenizer, i) for i in ids]
-    offsets, at = [], start_offset
-    for token in tokens:
+        scored = choice.prompt_logprobs
+        entries.append((choice.prompt[0], None, None))
+        entries += [(token, scored.chosen[t], scored.top[t]) for t, token in enumerate(choice.prompt[1:])]
+    generated = choice.logprobs
+    entries += [(choice.tokens[j], generated.chosen[j], generated.top[j]) for j in covered]
+    return entries
+
+
+def _completion_logprobs(tokenizer, entries: list[Entry], k: int, start_offset: int) -> dict:
+    """OpenAI's legacy completion logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, chosen, tops, offsets = [], [], [], []
+    at = start_offset
+    for token, logprob, top in entries:
+        text = _token_str(tokenizer, token)
+        tokens.append(text)
+        chosen.append(logprob)
         offsets.append(at)
-        at += len(token)
+        at += len(text)
+        alternatives = None
+        if top is not None:
+            alternatives = {_token_str(tokenizer, i): v for i, v in top[:k]}
+            alternatives.setdefault(text, logprob)
+        tops.append(alternatives)
     return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _chat_logprobs(tokenizer, choice: Choice, k: int) -> dict:
-    scored, n_prompt = choice.logprobs, len(choice.prompt)
-    content = []
-    for j, token in enumerate(choice.tokens):
-        t = n_prompt - 1 + j
+def _chat_logprobs(tokenizer, entries: list[Entry], k: int) -> dict:
+    """OpenAI's chat logprobs: content, a list of {token, logprob, bytes, top_logprobs}."""
+
+    def item(token: int, logprob: float) -> dict:
         text = _token_str(tokenizer, token)
-        content.append(
-            {
-                "token": text,
-                "logprob": scored.chosen[t],
-                "bytes": list(text.encode("utf-8")),
-                "top_logprobs": [
-                    {"token": (s := _token_str(tokenizer, i)), "logprob": v, "bytes": list(s.encode("utf-8"))}
-                    for i, v in scored.top[t][:k]
-                ],
-            }
-        )
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = [
+        {**item(token, logprob), "top_logprobs": [item(i, v) for i, v in top[:k]]}
+        for token, logprob, top in entries
+    ]
     return {"content": content}
+
+
+def _event_stream(pending: Pending, opening: list[dict], chunk_for, closing) -> EventSourceResponse:
+    """Server-sent events: the `opening` chunks, one chunk per item of `pending.events()` that has
+    text, log-probs or an end (`chunk_for(index, delta, covered, reason)`), the `closing()` chunk if
+    any, then [DONE]; an error ends the stream in OpenAI's error shape. Leaving cancels the rows."""
+
+    async def stream():
+        try:
+            for chunk in opening:
+                yield json.dumps(chunk)
+            async for index, delta, covered in pending.events():
+                reason = pending.choices[index].reason
+                if delta or covered or reason is not None:
+                    yield json.dumps(chunk_for(index, delta, covered, reason))
+            last = closing()
+            if last is not None:
+                yield json.dumps(last)
+            yield "[DONE]"
+        except ApiError as err:
+            yield json.dumps(error_body(err.message, err.type, err.param, err.code))
+            yield "[DONE]"
+        finally:
+            pending.cancel()
+
+    return EventSourceResponse(stream(), ping=15, sep="\n")
 
 
 # ---- the app -------------------------------------------------------------------------------------------
@@ -587,26 +644,24 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         _check_model(state, req.model)
-        if req.stream and req.logprobs is not None:
-            raise ApiError(400, "logprobs are not supported with stream", "invalid_request_error", "logprobs")
         prompts = _prompt_ids(state, req.prompt)
         budgets = [_budget(state, p, req.max_tokens) for p in prompts]
         pending = Pending(state, request.scope["state"]["request_id"])
-        params, stop = _sampling(req), req.stop_list()
+        params, stop, k = _sampling(req), req.stop_list(), req.logprobs
         for prompt, budget in zip(prompts, budgets, strict=True):
             for _ in range(req.n):
                 if budget > 0:
-                    pending.add_row(prompt, params, budget, stop, req.seed, req.logprobs)
-                elif req.logprobs is not None:
-                    pending.add_score(prompt, req.logprobs)
+                    pending.add_row(prompt, params, budget, stop, req.seed, k, req.echo and k is not None)
+                elif k is not None:
+                    pending.add_score(prompt, k)
                 else:
                     pending.add_echo_only(prompt)
         pending.submit()
         name, created, cid = state.model_name, now(), new_id("cmpl")
         echoes = [state.tokenizer.decode(c.prompt) if req.echo else "" for c in pending.choices]
 
-        def chunk(index: int, text: str, reason: str | None) -> dict:
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        def chunk(index: int, text: str, reason: str | None, logprobs=None) -> dict:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
             return {
                 "id": cid,
                 "object": "text_completion",
@@ -616,40 +671,41 @@ def create_app(state: ServerState) -> FastAPI:
             }
 
         if req.stream:
+            started: set[int] = set()
 
-            async def stream():
-                try:
-                    started = set()
-                    for index, choice in enumerate(pending.choices):
-                        if choice.reason is not None:  # nothing to generate
-                            yield json.dumps(chunk(index, echoes[index], choice.reason))
-                    async for index, delta in pending.events():
-                        reason = pending.choices[index].reason
-                        if not (delta or reason is not None):
-                            continue
-                        if index not in started:  # the echoed prompt leads the choice's first chunk
-                            delta = echoes[index] + delta
-                            started.add(index)
-                        yield json.dumps(chunk(index, delta, reason))
-                    if req.include_usage:
-                        last = {**chunk(0, "", None), "choices": [], "usage": pending.usage(prompts)}
-                        yield json.dumps(last)
-                    yield "[DONE]"
-                except ApiError as err:
-                    yield json.dumps(error_body(err.message, err.type, err.param, err.code))
-                    yield "[DONE]"
-                finally:
-                    pending.cancel()
+            def chunk_for(index: int, delta: str, covered: range, reason: str | None) -> dict:
+                choice, echo = pending.choices[index], req.echo and index not in started
+                if echo:  # the echoed prompt leads the choice's first chunk
+                    delta = echoes[index] + delta
+                    started.add(index)
+                logprobs = None
+                if k is not None:
+                    entries = _logprob_entries(choice, echo, covered)
+                    logprobs = _completion_logprobs(state.tokenizer, entries, k, choice.text_offset)
+                    choice.text_offset += sum(len(t) for t in logprobs["tokens"])
+                return chunk(index, delta, reason, logprobs)
 
-            return EventSourceResponse(stream(), ping=15, sep="\n")
+            opening = [  # choices with nothing to generate
+                chunk_for(index, "", range(0), choice.reason)
+                for index, choice in enumerate(pending.choices)
+                if choice.reason is not None
+            ]
+
+            def closing():
+                if not req.include_usage:
+                    return None
+                return {**chunk(0, "", None), "choices": [], "usage": pending.usage(prompts)}
+
+            return _event_stream(pending, opening, chunk_for, closing)
 
         await pending.wait(request)
         choices = []
         for index, choice in enumerate(pending.choices):
             text = echoes[index] + choice.text.text()
             logprobs = None
-            if req.logprobs is not None:
-                logprobs = _completion_logprobs(state.tokenizer, choice, req.echo, req.logprobs, 0)
+            if k is not None:
+                entries = _logprob_entries(choice, req.echo, range(len(choice.tokens)))
+                logprobs = _completion_logprobs(state.tokenizer, entries, k, 0)
             choices.append(
                 {"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.reason}
             )
@@ -665,8 +721,6 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         _check_model(state, req.model)
-        if req.stream and req.logprobs:
-            raise ApiError(400, "logprobs are not supported with stream", "invalid_request_error", "logprobs")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             prompt = state.chat.encode(messages)
@@ -687,8 +741,8 @@ def create_app(state: ServerState) -> FastAPI:
         pending.submit()
         name, created, cid = state.model_name, now(), new_id("chatcmpl")
 
-        def chunk(index: int, delta: dict, reason: str | None) -> dict:
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        def chunk(index: int, delta: dict, reason: str | None, logprobs=None) -> dict:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             return {
                 "id": cid,
                 "object": "chat.completion.chunk",
@@ -699,30 +753,32 @@ def create_app(state: ServerState) -> FastAPI:
 
         if req.stream:
 
-            async def stream():
-                try:
-                    for index, choice in enumerate(pending.choices):
-                        yield json.dumps(chunk(index, {"role": "assistant", "content": ""}, choice.reason))
-                    async for index, delta in pending.events():
-                        reason = pending.choices[index].reason
-                        if delta or reason is not None:
-                            yield json.dumps(chunk(index, {"content": delta} if delta else {}, reason))
-                    if req.include_usage:
-                        last = {**chunk(0, {}, None), "choices": [], "usage": pending.usage([prompt])}
-                        yield json.dumps(last)
-                    yield "[DONE]"
-                except ApiError as err:
-                    yield json.dumps(error_body(err.message, err.type, err.param, err.code))
-                    yield "[DONE]"
-                finally:
-                    pending.cancel()
+            def chunk_for(index: int, delta: str, covered: range, reason: str | None) -> dict:
+                logprobs = None
+                if k is not None:
+                    entries = _logprob_entries(pending.choices[index], False, covered)
+                    logprobs = _chat_logprobs(state.tokenizer, entries, k)
+                return chunk(index, {"content": delta} if delta else {}, reason, logprobs)
 
-            return EventSourceResponse(stream(), ping=15, sep="\n")
+            opening = [
+                chunk(index, {"role": "assistant", "content": ""}, choice.reason)
+                for index, choice in enumerate(pending.choices)
+            ]
+
+            def closing():
+                if not req.include_usage:
+                    return None
+                return {**chunk(0, {}, None), "choices": [], "usage": pending.usage([prompt])}
+
+            return _event_stream(pending, opening, chunk_for, closing)
 
         await pending.wait(request)
         choices = []
         for index, choice in enumerate(pending.choices):
-            logprobs = _chat_logprobs(state.tokenizer, choice, k) if k is not None else None
+            logprobs = None
+            if k is not None:
+                entries = _logprob_entries(choice, False, range(len(choice.tokens)))
+                logprobs = _chat_logprobs(state.tokenizer, entries, k)
             message = {"role": "assistant", "content": choice.text.text()}
             choices.append(
                 {"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice.reason}

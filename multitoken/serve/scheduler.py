@@ -11,10 +11,11 @@ it lives. The thread loops:
      tokens per iteration (a long prompt takes several iterations; running rows keep decoding between);
   3. run one `decode_step` over the batch under the draft plan the `DraftPolicy` chooses (or the fixed
      plan of `--speculative on/off`); rows still prefilling get no budget and stay unchanged;
-  4. hand each row its committed tokens (`RowOutput` cuts at EOS, stop strings and max_tokens), and
-     score finished rows that asked for log-probabilities;
+  4. hand each row its committed tokens (`RowOutput` cuts at EOS, stop strings and max_tokens), with
+     their log-probabilities when the row asked for them (from the step's own next-token logits, so
+     they stream with the tokens), after scoring the row's prompt if it asked for that (`echo`);
 and between iterations it runs scoring jobs: one plain forward pass of the next-token head over a
-sequence, for `echo` + `logprobs` (lm-eval's loglikelihood requests).
+sequence, for `echo` + `logprobs` with nothing to generate (lm-eval's loglikelihood requests).
 
 Every row carries its own sampling settings (`RowSampling`), so greedy and sampled requests share a
 batch; a greedy row's tokens are those of plain greedy decoding whatever else runs beside it (up to
@@ -22,8 +23,9 @@ floating-point ties), as in `generate()`. A seeded request that starts into an e
 batch's generator and starts a fresh policy (no acceptance statistics from earlier requests), so the
 same request alone gives the same tokens every time.
 
-Events go back to the caller through each row's `sink`, called on this thread: ("tokens", ids) as they
-are kept, then ("done", reason, logprobs) or ("error", message).
+Events go back to the caller through each row's `sink`, called on this thread: ("prompt", logprobs)
+first if the row asked for its prompt scored, ("tokens", ids, logprobs or None) as they are kept, then
+("done", reason, None) or ("error", message). A scoring job answers ("done", "score", logprobs).
 
 Dimension letters: T positions, V vocabulary, K top alternatives.
 """
@@ -48,7 +50,6 @@ from multitoken.row_output import RowOutput
 from multitoken.sampling import RowSampling, SamplingParams
 from multitoken.speculative import draft_depth
 from multitoken.step_costs import batch_bucket
-from multitoken.studies.lab.icl import next_token_logits
 
 log = logging.getLogger("multitoken.serve")
 
@@ -70,6 +71,20 @@ class TokenLogprobs:
     """The `k` most likely tokens at each of those positions, (id, log-prob), best first."""
 
 
+def token_logprobs(logits_TV: torch.Tensor, targets: Sequence[int], k: int) -> TokenLogprobs:
+    """log p(targets[t]) under logits_TV[t], with the `k` most likely tokens at each position."""
+    logprobs_TV = F.log_softmax(logits_TV.to(torch.promote_types(logits_TV.dtype, torch.float32)), dim=-1)
+    target_T = torch.tensor(list(targets), device=logits_TV.device)
+    chosen_T = logprobs_TV.gather(1, target_T[:, None])[:, 0]
+    top: list[list[tuple[int, float]]] = [[] for _ in targets]
+    if k > 0:
+        values_TK, index_TK = logprobs_TV.topk(min(k, logprobs_TV.shape[-1]), dim=-1)
+        top = [
+            list(zip(i, v, strict=True)) for i, v in zip(index_TK.tolist(), values_TK.tolist(), strict=True)
+        ]
+    return TokenLogprobs(chosen_T.tolist(), top)
+
+
 @dataclass
 class Row:
     """One choice of one request: a prompt to continue, and where its tokens go."""
@@ -82,7 +97,9 @@ class Row:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None
-    """Score the prompt and the output afterwards with this many alternatives per position."""
+    """Give each generated token's log-probability, with this many alternatives."""
+    prompt_logprobs: bool = False
+    """Also score the prompt's tokens (with `logprobs` alternatives), before the first token."""
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     output: RowOutput | None = None
@@ -410,18 +427,20 @@ class Scheduler:
     def _prefill_run(self, run: list[tuple]) -> None:
         first = run[0][0]
         final = run[0][3]
+        keep_logits = any(self._rows[i].logprobs is not None for i, *_ in run)
         record = prefill(
             self.batch,
             [chunk for _, chunk, _, _ in run],
             first_row=first,
             start=[s for _, _, s, _ in run],
             final=final,
+            keep_logits=keep_logits,
         )
         for i, chunk, start, _ in run:
             self._rows[i].prefilled = start + len(chunk)
         if record is not None:
-            for (i, *_), tokens in zip(run, record.tokens, strict=True):
-                self._deliver(self._rows[i], tokens)
+            for b, ((i, *_), tokens) in enumerate(zip(run, record.tokens, strict=True)):
+                self._deliver(self._rows[i], tokens, record.logits_BTV[b] if keep_logits else None)
 
     def _step(self) -> None:
         rows = self._rows
@@ -432,7 +451,8 @@ class Scheduler:
             return
         n = len(rows)
         plan = self.fixed if self.fixed is not None else self.policy.choose(n)
-        record = decode_step(self.batch, plan, budget)
+        keep_logits = any(row.logprobs is not None for row in rows)
+        record = decode_step(self.batch, plan, budget, keep_logits=keep_logits)
         if self.fixed is None:
             self.policy.observe(record, n)
         if self.metrics is not None:
@@ -443,11 +463,12 @@ class Scheduler:
                 dict(zip(offsets, record.reached_J, strict=True)),
                 dict(zip(offsets, record.accepted_J, strict=True)),
             )
-        for row, tokens in zip(rows, record.tokens, strict=True):
+        for b, (row, tokens) in enumerate(zip(rows, record.tokens, strict=True)):
             if tokens:
-                self._deliver(row, tokens)
+                self._deliver(row, tokens, record.logits_BTV[b] if keep_logits else None)
 
-    def _deliver(self, row: Row, tokens: list[int]) -> None:
+    def _deliver(self, row: Row, tokens: list[int], logits_TV: torch.Tensor | None = None) -> None:
+        """Hand a row the tokens a step committed for it; `logits_TV` are the logits behind them."""
         if row.cancelled or row.output.done:
             return
         kept = row.output.add(tokens)
@@ -459,33 +480,25 @@ class Scheduler:
                 self.metrics.inter_token.observe((now - row.last_token_at) / len(kept))
         if row.first_token_at is None:
             row.first_token_at = now
+            if row.prompt_logprobs:  # before the first tokens, so a stream's first chunk can echo it
+                row.sink(("prompt", self._score(row.prompt, row.logprobs or 0)))
         row.last_token_at = now
         if kept:
-            row.sink(("tokens", kept))
+            logprobs = None
+            if row.logprobs is not None:
+                logprobs = token_logprobs(logits_TV[: len(kept)], kept, row.logprobs)
+            row.sink(("tokens", kept, logprobs))
         if row.output.done:
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(len(row.prompt))
-            scored = None
-            if row.logprobs is not None:
-                scored = self._score(row.prompt + row.output.tokens, row.logprobs)
-            row.sink(("done", row.output.reason, scored))
+            row.sink(("done", row.output.reason, None))
 
     def _score(self, ids: list[int], k: int) -> TokenLogprobs:
         """Log-probs of ids[1:] from one plain forward pass of the trunk and next-token head."""
         if len(ids) < 2:
             return TokenLogprobs([], [])
         tokens_1T = torch.tensor([ids[:-1]], dtype=torch.long, device=self.device)
-        logprobs_TV = F.log_softmax(next_token_logits(self.model, tokens_1T)[0].float(), dim=-1)
-        target_T = torch.tensor(ids[1:], device=self.device)
-        chosen_T = logprobs_TV.gather(1, target_T[:, None])[:, 0]
-        top = [[] for _ in ids[1:]]
-        if k > 0:
-            values_TK, index_TK = logprobs_TV.topk(min(k, logprobs_TV.shape[-1]), dim=-1)
-            top = [
-                list(zip(i, v, strict=True))
-                for i, v in zip(index_TK.tolist(), values_TK.tolist(), strict=True)
-            ]
-        return TokenLogprobs(chosen_T.tolist(), top)
+        return token_logprobs(self.model.next_token_logits(tokens_1T)[0], ids[1:], k)
 
     def _fail_all(self, message: str) -> None:
         with self._cv:

@@ -186,6 +186,42 @@ def test_streaming_completion_chat_and_stop(client, reference):
     assert "".join(d.content or "" for d in pieces) == reply.choices[0].message.content
 
 
+def test_logprobs_streamed_equal_returned_and_a_full_forward(client, reference):
+    model, tokenizer = reference
+    prompt = "def g(x):"
+    args = {"model": NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 3, "echo": True}
+    whole = client.completions.create(**args).choices[0]
+    chunks = list(client.completions.create(**args, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    assert [t for lp in streamed for t in lp.tokens] == whole.logprobs.tokens
+    assert [o for lp in streamed for o in lp.text_offset] == whole.logprobs.text_offset
+    streamed_values = [v for lp in streamed for v in lp.token_logprobs]
+    assert streamed_values[0] is None and whole.logprobs.token_logprobs[0] is None
+    assert streamed_values[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-9)
+    # Each log-prob is the next-token head's, over the prompt and the output, in one plain pass.
+    ids = tokenizer.encode(whole.text)
+    assert len(ids) == len(whole.logprobs.tokens) == len(tokenizer.encode(prompt)) + 12
+    with torch.no_grad():
+        logprobs_TV = torch.log_softmax(model.next_token_logits(torch.tensor([ids[:-1]]))[0], -1)
+    expected = logprobs_TV.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert whole.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-9)
+    for top, value in zip(whole.logprobs.top_logprobs[1:], expected, strict=True):
+        assert len(top) <= 4 and max(top.values()) >= value - 1e-9
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat = {"model": NAME, "messages": messages, "max_tokens": 8, "temperature": 0}
+    chat |= {"logprobs": True, "top_logprobs": 2}
+    whole_chat = client.chat.completions.create(**chat).choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(**chat, stream=True))
+    streamed_chat = [
+        e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed_chat] == [e.token for e in whole_chat] and len(whole_chat) == 8
+    assert [e.logprob for e in streamed_chat] == pytest.approx([e.logprob for e in whole_chat], abs=1e-9)
+    assert all(len(e.top_logprobs) == 2 for e in whole_chat)
+
+
 def test_errors_in_openai_shape(server):
     _, base = server
     url = f"{base}/v1/completions"
