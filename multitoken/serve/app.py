@@ -522,6 +522,11 @@ def _chat_logprobs(tokenizer, entries: list[Entry], k: int) -> dict:
     return {"content": content}
 
 
+def _envelope(object_: str, cid: str, created: int, model: str, choices: list, **extra) -> dict:
+    """The fields every completion response and chunk carries around its choices."""
+    return {"id": cid, "object": object_, "created": created, "model": model, "choices": choices, **extra}
+
+
 def _event_stream(pending: Pending, opening: list[dict], chunk_for, closing) -> EventSourceResponse:
     """Server-sent events: the `opening` chunks, one chunk per item of `pending.events()` that has
     text, log-probs or an end (`chunk_for(index, delta, covered, reason)`), the `closing()` chunk if
@@ -662,13 +667,7 @@ def create_app(state: ServerState) -> FastAPI:
 
         def chunk(index: int, text: str, reason: str | None, logprobs=None) -> dict:
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-            return {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": name,
-                "choices": [choice],
-            }
+            return _envelope("text_completion", cid, created, name, [choice])
 
         if req.stream:
             started: set[int] = set()
@@ -709,14 +708,7 @@ def create_app(state: ServerState) -> FastAPI:
             choices.append(
                 {"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.reason}
             )
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": name,
-            "choices": choices,
-            "usage": pending.usage(prompts),
-        }
+        return _envelope("text_completion", cid, created, name, choices, usage=pending.usage(prompts))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -743,13 +735,7 @@ def create_app(state: ServerState) -> FastAPI:
 
         def chunk(index: int, delta: dict, reason: str | None, logprobs=None) -> dict:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-            return {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": name,
-                "choices": [choice],
-            }
+            return _envelope("chat.completion.chunk", cid, created, name, [choice])
 
         if req.stream:
 
@@ -783,13 +769,6 @@ def create_app(state: ServerState) -> FastAPI:
             choices.append(
                 {"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice.reason}
             )
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": name,
-            "choices": choices,
-            "usage": pending.usage([prompt]),
-        }
+        return _envelope("chat.completion", cid, created, name, choices, usage=pending.usage([prompt]))
 
     return Guard(app, state)
