@@ -240,6 +240,11 @@ class DecodeBatch:
             greedy = [value.greedy] * self.capacity
         self.row_greedy[: len(greedy)] = greedy
 
+    def shadow_probes_exact(self, n_rows: int) -> bool:
+        """Whether a shadow probe (`DraftPlan.shadow_probe`) of rows 0 .. n_rows - 1 scores exactly
+        what a one-draft chain would accept: drafting heads without a cache, and greedy rows."""
+        return self.history == "last" and all(self.row_greedy[:n_rows])
+
     def key_bound(self, end: int, block: int) -> int | None:
         """Cache slots that rows 0 .. end - 1 attend to when each feeds `block` positions from its own:
         max(pos) + block, so attention costs what the text's length does, not the cache's. None for

@@ -331,7 +331,7 @@ def generate(
     batch.sampling, batch.n_rows, batch.prefill_heads = params, B, fixed is not None and n_heads > 0
     batch.track_ranks = policy is not None and policy.trees
     if policy is not None:  # probe by scoring guesses in plain steps where that is exact and cheap
-        policy.shadow_probes = batch.history == "last" and params.greedy
+        policy.shadow_probes = batch.shadow_probes_exact(B)
     try:
         if max_new_tokens > 0:
             _emit(rows, prefill(batch, prompt_ids, keep_logits=return_logits), on_tokens)

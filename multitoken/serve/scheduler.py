@@ -397,6 +397,8 @@ class Scheduler:
                 self.batch.resize(wanted)
             self.batch.sampling = RowSampling.build([row.params for row in self._rows], self.device)
             self.batch.n_rows = len(self._rows)
+            if self.policy is not None:  # as generate(): probe in plain steps where that is exact
+                self.policy.shadow_probes = self.batch.shadow_probes_exact(len(self._rows))
             self._sampling_stale = False
 
     def _prefill(self) -> None:
@@ -456,7 +458,7 @@ class Scheduler:
         if self.fixed is None:
             self.policy.observe(record, n)
         if self.metrics is not None:
-            offsets = range(2, len(record.reached_J) + 2)
+            offsets = range(2, len(record.reached_J) + 2 if not plan.shadow else 2)  # guesses, not drafts
             self.metrics.record_step(
                 sum(b > 0 for b in budget),
                 sum(len(t) for t in record.tokens),

@@ -108,3 +108,35 @@ def test_a_cancelled_row_leaves_and_a_failed_step_fails_only_its_batch(model, mo
         assert after.finished.wait(30) and after.tokens == expected[7, 8, 9]
     finally:
         scheduler.stop()
+
+
+def test_auto_probes_in_plain_steps_only_while_every_row_is_greedy(monkeypatch):
+    model = tiny_model(6, n_future=3, head_style="linear", max_seq_len=256).double().eval()
+    prompts = [[3, 4, 5], [9, 8]]
+    expected = [generate(model, [p], 40, speculative=False).tokens[0] for p in prompts]
+    steps = []  # (shadow probe?, every row in the batch greedy?)
+    real_step = scheduler_module.decode_step
+
+    def recording(batch, plan, budget, **kwargs):
+        steps.append((plan.shadow, all(batch.row_greedy[: batch.n_rows])))
+        return real_step(batch, plan, budget, **kwargs)
+
+    monkeypatch.setattr(scheduler_module, "decode_step", recording)
+    scheduler = Scheduler(model, None, max_batch_size=4, max_queue=4, speculative="auto")
+    scheduler.start()
+    try:
+        greedy = [Collect() for _ in prompts]
+        scheduler.submit([_row(p, 40, sink) for p, sink in zip(prompts, greedy, strict=True)])
+        assert all(sink.finished.wait(60) for sink in greedy)
+        assert [sink.tokens for sink in greedy] == expected
+        assert any(shadow for shadow, _ in steps)  # probed in plain steps
+        steps.clear()
+        mixed = [Collect(), Collect()]
+        sampled = Row([1, 2], SamplingParams(temperature=1.0), 40, mixed[1])
+        scheduler.submit([_row(prompts[0], 40, mixed[0]), sampled])
+        assert all(sink.finished.wait(60) for sink in mixed)
+        assert mixed[0].tokens == expected[0]
+    finally:
+        scheduler.stop()
+    assert any(not all_greedy for _, all_greedy in steps)
+    assert not any(shadow and not all_greedy for shadow, all_greedy in steps)  # never inexact
