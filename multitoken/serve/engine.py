@@ -14,8 +14,9 @@ Two pipes, pickled messages:
   engine -> API:  ("ready", None) or ("failed", message)    once, after loading
                   ("events", [(id, event)], [metric call], (running, waiting))
                                                             once per scheduler iteration
-The engine process ignores SIGINT (the API process drains first, then sends "stop") and exits when
-the API process's end of the command pipe closes, so it never outlives the server. If the engine
+The engine process ignores SIGINT and SIGTERM (they reach the whole process group; the API process
+drains first, then sends "stop") and exits when the API process's end of the command pipe closes, so
+it never outlives the server. If the engine
 process dies, every open row gets an error event and `dead` is set; the server then exits non-zero.
 
 Admission (429, and 400 for a request larger than batch + queue) is decided here in the API process,
@@ -107,7 +108,10 @@ def replay(metrics, calls: Sequence[tuple[str, str | None, tuple]]) -> None:
 def engine_main(spec: EngineSpec, commands: Connection, events: Connection) -> None:
     """The engine process: load the model, run the scheduler, relay events until told to stop or the
     API process goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the API drains first
+    # Ctrl-C (and a service manager's SIGTERM) reach the whole process group: the API process drains
+    # first, then sends "stop"; if it dies instead, the closed pipe ends this process.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s (engine): %(message)s")
     try:
         scheduler, relay = _start_scheduler(spec)

@@ -458,12 +458,13 @@ class Scheduler:
         if self.fixed is None:
             self.policy.observe(record, n)
         if self.metrics is not None:
-            offsets = range(2, len(record.reached_J) + 2 if not plan.shadow else 2)  # guesses, not drafts
+            offsets = range(2, len(record.reached_J) + 2)
+            drafts = not plan.shadow  # a shadow probe's guesses are not drafts
             self.metrics.record_step(
                 sum(b > 0 for b in budget),
                 sum(len(t) for t in record.tokens),
-                dict(zip(offsets, record.reached_J, strict=True)),
-                dict(zip(offsets, record.accepted_J, strict=True)),
+                dict(zip(offsets, record.reached_J, strict=True)) if drafts else {},
+                dict(zip(offsets, record.accepted_J, strict=True)) if drafts else {},
             )
         for b, (row, tokens) in enumerate(zip(rows, record.tokens, strict=True)):
             if tokens:

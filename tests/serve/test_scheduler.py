@@ -13,6 +13,7 @@ from multitoken.decoding import DecodeBatch
 from multitoken.generate import generate
 from multitoken.sampling import SamplingParams
 from multitoken.serve import scheduler as scheduler_module
+from multitoken.serve.metrics import ServerMetrics
 from multitoken.serve.scheduler import Row, Scheduler
 
 from conftest import tiny_model
@@ -122,7 +123,8 @@ def test_auto_probes_in_plain_steps_only_while_every_row_is_greedy(monkeypatch):
         return real_step(batch, plan, budget, **kwargs)
 
     monkeypatch.setattr(scheduler_module, "decode_step", recording)
-    scheduler = Scheduler(model, None, max_batch_size=4, max_queue=4, speculative="auto")
+    metrics = ServerMetrics()  # a shadow step's record reaches the metrics too
+    scheduler = Scheduler(model, None, max_batch_size=4, max_queue=4, speculative="auto", metrics=metrics)
     scheduler.start()
     try:
         greedy = [Collect() for _ in prompts]
