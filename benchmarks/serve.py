@@ -174,26 +174,32 @@ async def one_request(http: httpx.AsyncClient, base: str, prompt: str, max_token
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    first, tokens, done = None, 0, False
+    first, last, done = None, None, False
+    # A light client: the clients share this machine with the server, so only the usage chunk (the
+    # last before [DONE]) is parsed; the first data line is the first token's chunk.
     async with http.stream("POST", f"{base}/v1/completions", json=body) as response:
         if response.status_code != 200:
             return {"ok": False}
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
-            data = line[5:].strip()
-            if data == "[DONE]":
+            if first is None:
+                first = time.perf_counter() - start
+            if line.startswith('data: {"error"'):
+                return {"ok": False}
+            if line == "data: [DONE]":
                 done = True
                 break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                return {"ok": False}
-            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                first = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+            last = line
     end = time.perf_counter() - start
-    return {"ok": done, "ttft": first if first is not None else end, "latency": end, "tokens": tokens}
+    usage = json.loads(last[5:]).get("usage") if last is not None else None
+    tokens = usage["completion_tokens"] if usage else 0
+    return {
+        "ok": done and usage is not None,
+        "ttft": first if first is not None else end,
+        "latency": end,
+        "tokens": tokens,
+    }
 
 
 async def run_clients(base: str, clients: int, n_requests: int, max_tokens: int, time_limit: float):
