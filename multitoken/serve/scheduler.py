@@ -32,6 +32,7 @@ Dimension letters: T positions, V vocabulary, K top alternatives.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -104,6 +105,8 @@ class Row:
     cancelled: bool = False
     output: RowOutput | None = None
     prefilled: int = 0
+    deferred: bool = False
+    """Kept waiting one step so that it shares a prefill pass with rows arriving just after it."""
     first_token_at: float | None = None
     last_token_at: float | None = None
 
@@ -320,11 +323,7 @@ class Scheduler:
                 scores = list(self._scores)
                 self._scores.clear()
                 self._drop_finished()
-                admitted = []
-                while self._waiting and len(self._rows) + len(admitted) < self.capacity:
-                    row = self._waiting.popleft()
-                    if not row.cancelled:
-                        admitted.append(row)
+                admitted = self._admissions()
                 self._gauge(len(self._rows) + len(admitted))
             try:
                 self._iterate(scores, admitted)
@@ -342,6 +341,26 @@ class Scheduler:
             if self.on_iteration is not None:
                 self.on_iteration()
         self._fail_all("the server is shutting down")
+
+    def _admissions(self) -> list[Row]:
+        """The waiting rows that join the batch this iteration (called holding the lock).
+
+        While rows are decoding, rows that just arrived wait one step, once, unless they fill the
+        batch: rows arriving within a step of each other then share one prefill pass instead of each
+        paying for its own (a forward pass costs about the same for one short prompt as for many).
+        A row's first token comes at most one step later.
+        """
+        self._waiting = deque(row for row in self._waiting if not row.cancelled)
+        free = self.capacity - len(self._rows)
+        joining = list(itertools.islice(self._waiting, free))
+        decoding = any(row.prefilled == len(row.prompt) for row in self._rows)
+        if decoding and len(joining) < free and not any(row.deferred for row in joining):
+            for row in joining:
+                row.deferred = True
+            return []
+        for _ in joining:
+            self._waiting.popleft()
+        return joining
 
     def _iterate(self, scores: list[ScoreJob], admitted: list[Row]) -> None:
         for job in scores:

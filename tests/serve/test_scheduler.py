@@ -5,6 +5,7 @@ fails only its batch."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -142,3 +143,39 @@ def test_auto_probes_in_plain_steps_only_while_every_row_is_greedy(monkeypatch):
         scheduler.stop()
     assert any(not all_greedy for _, all_greedy in steps)
     assert not any(shadow and not all_greedy for shadow, all_greedy in steps)  # never inexact
+
+
+def test_rows_arriving_a_step_apart_share_one_prefill(model, monkeypatch):
+    prompts = {"running": [5, 6, 7], "a": [1, 2, 3, 4], "b": [9, 8]}
+    expected = {k: generate(model, [p], 6, speculative=False).tokens[0] for k, p in prompts.items()}
+    prefilled_rows = []
+    real_prefill, real_step = scheduler_module.prefill, scheduler_module.decode_step
+
+    def recording_prefill(batch, chunks, **kwargs):
+        prefilled_rows.append(len(chunks))
+        return real_prefill(batch, chunks, **kwargs)
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.05)  # room to submit the second row while the first one waits its step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler_module, "prefill", recording_prefill)
+    monkeypatch.setattr(scheduler_module, "decode_step", slow_step)
+    scheduler = Scheduler(model, None, max_batch_size=8, max_queue=8, speculative="off")
+    scheduler.start()
+    try:
+        sinks = {k: Collect() for k in prompts}
+        scheduler.submit([_row(prompts["running"], 6, sinks["running"])])
+        assert sinks["running"].first.wait(30)  # decoding
+        a = _row(prompts["a"], 6, sinks["a"])
+        scheduler.submit([a])
+        deadline = time.monotonic() + 30
+        while not a.deferred and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert a.deferred and a.prefilled == 0  # kept waiting one step
+        scheduler.submit([_row(prompts["b"], 6, sinks["b"])])
+        assert all(sink.finished.wait(30) for sink in sinks.values())
+    finally:
+        scheduler.stop()
+    assert prefilled_rows == [1, 2]  # the two late rows shared one prefill pass
+    assert {k: sink.tokens for k, sink in sinks.items()} == expected
