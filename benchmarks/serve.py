@@ -15,6 +15,9 @@ requests run against the last server and its resident memory (VmRSS, the server'
 process's) is read after the first tenth of them and at the end. Every loop is bounded by a count and
 by --time-limit seconds. Prints markdown tables.
 
+"scheduler-only ratio" runs the same closed loop of clients as threads straight on an in-process
+`Scheduler` (no HTTP, no engine process): what continuous batching itself costs, apart from HTTP.
+
 Besides wall-clock tokens/s, each side's tokens per CPU second: the server's CPU time (every thread
 of the HTTP process and of its engine process) against this process's during the offline run. On a
 machine shared with other jobs the CPU ratio is the fairer one: the server needs two processes (and
@@ -32,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from statistics import median
@@ -44,6 +48,8 @@ from multitoken.checkpoint import load_checkpoint, save_checkpoint
 from multitoken.config import preset_config
 from multitoken.generate import generate
 from multitoken.model import MultiTokenLM
+from multitoken.sampling import SamplingParams
+from multitoken.serve.scheduler import Row, Scheduler
 from multitoken.tokenizer import byte_tokenizer
 
 PROMPTS = [
@@ -252,11 +258,57 @@ def offline_tokens_per_s(
     return tokens / seconds, tokens / cpu
 
 
+class _RowSink:
+    """A row's events: counts its tokens, and says when it has finished."""
+
+    def __init__(self) -> None:
+        self.tokens, self.finished = 0, threading.Event()
+
+    def __call__(self, event: tuple) -> None:
+        if event[0] == "tokens":
+            self.tokens += len(event[1])
+        elif event[0] in ("done", "error"):
+            self.finished.set()
+
+
+def scheduler_tokens_per_s(
+    model, tokenizer, clients: int, n_requests: int, max_tokens: int, mode: str, batch: int
+) -> float:
+    """The same closed loop of `clients` straight on an in-process `Scheduler` (no HTTP, no second
+    process): what continuous batching itself costs against offline batches."""
+    ids = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(n_requests)]
+    scheduler = Scheduler(model, tokenizer, max_batch_size=batch, max_queue=4 * batch, speculative=mode)
+    scheduler.start()
+    todo, lock, tokens = list(range(n_requests)), threading.Lock(), [0]
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            sink = _RowSink()
+            scheduler.submit([Row(ids[i], SamplingParams(), max_tokens, sink)])
+            sink.finished.wait()
+            with lock:
+                tokens[0] += sink.tokens
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    scheduler.stop()
+    return tokens[0] / seconds
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    clients = [int(c) for c in args.clients.split(",") if c]
+    clients = args.clients_list = [int(c) for c in args.clients.split(",") if c]
     modes = [m for m in args.speculative.split(",") if m]
     engines = [e for e in args.engine.split(",") if e]
     with tempfile.TemporaryDirectory() as tmp:
@@ -290,6 +342,7 @@ def measure_row(proc, base: str, model, tokenizer, engine: str, mode: str, c: in
     """`args.repeats` served runs alternated with offline runs at `c` clients: medians of each."""
     asyncio.run(run_clients(base, c, min(c, args.requests), args.max_tokens, 60))  # warm-up
     served, served_cpu, offline, offline_cpu, ratio, cpu_ratio, results = [], [], [], [], [], [], []
+    scheduler_ratio = []
     for _ in range(args.repeats):
         cpu_start = cpu_seconds(proc.pid)
         run, wall = asyncio.run(run_clients(base, c, args.requests, args.max_tokens, args.time_limit))
@@ -298,6 +351,10 @@ def measure_row(proc, base: str, model, tokenizer, engine: str, mode: str, c: in
         served_cpu.append(tokens / (cpu_seconds(proc.pid) - cpu_start))
         results += run
         wall_rate, cpu_rate = offline_tokens_per_s(model, tokenizer, c, args.requests, args.max_tokens, mode)
+        scheduled = scheduler_tokens_per_s(
+            model, tokenizer, c, args.requests, args.max_tokens, mode, max(args.clients_list)
+        )
+        scheduler_ratio.append(scheduled / wall_rate)
         offline.append(wall_rate)
         offline_cpu.append(cpu_rate)
         ratio.append(served[-1] / offline[-1])
@@ -317,6 +374,7 @@ def measure_row(proc, base: str, model, tokenizer, engine: str, mode: str, c: in
         f"{median(served_cpu):.0f}",
         f"{median(offline_cpu):.0f}",
         f"{median(cpu_ratio):.2f}",
+        f"{median(scheduler_ratio):.2f}",
         f"{median(ttft) * 1e3:.0f} / {percentile(ttft, 0.99) * 1e3:.0f}",
         f"{median(latency) * 1e3:.0f} / {percentile(latency, 0.99) * 1e3:.0f}",
     ]
@@ -334,6 +392,7 @@ HEADERS = [
     "served tok/CPU-s",
     "offline tok/CPU-s",
     "CPU ratio",
+    "scheduler-only ratio",
     "TTFT p50/p99 ms",
     "latency p50/p99 ms",
 ]
