@@ -345,9 +345,7 @@ def commands() -> list[Command]:
     found.append(Command(("import",), import_cli, positional=("src",)))
     found.append(Command(("export",), export_cli))
     found.append(Command(("distill-data",), distill_data, DistillDataConfig))
-    for path, fn in eval_commands():
-        found.append(Command(path, fn))
-    for path, fn, options in study_commands():
+    for path, fn, options in [*eval_commands(), *study_commands()]:
         found.append(Command(path, fn, **options))
     found.append(Command(("serve",), serve_cli))
     return found

@@ -592,28 +592,33 @@ def write_report(
     return path
 
 
-def icl_cli(
-    out: str = "reports/lab/icl",
-    scale: Literal["debug", "small"] = "small",
-    checkpoint: str | None = None,
-    shots: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-) -> None:
+@dataclass
+class IclOptions:
+    """Flags of `multitoken lab icl` (in the order of its --help: a checkpoint and shots before the seed)."""
+
+    out: str = "reports/lab/icl"
+    """report directory (data and trained runs go under it; complete runs are reused)."""
+    scale: Literal["debug", "small"] = "small"
+    """debug (seconds) or small (about 15 minutes on a 2-core CPU); with --checkpoint: prompts and shots."""
+    checkpoint: str | None = None
+    """evaluate this checkpoint or run directory (with its own tokenizer) instead of training."""
+    shots: int | None = None
+    """exemplars per class (default: 2 at debug, 4 at small)."""
+    seed: int = 0
+    """seed of the items held out, the prompts, the data and every model's initialisation."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+
+
+def icl_cli(options: IclOptions) -> None:
     """Do models override their pretraining priors when in-context labels are flipped? (Wei et al. 2023)
 
     Trains n=1 and n=2 byte-level models at two sizes on a mixture of documents stating item labels
     (sentiment, animal/food, parity, upper/lower case) and few-shot documents with arbitrary label words,
     then scores k-shot prompts with 0-100% of the exemplar labels flipped and with foo/bar labels.
-
-    Args:
-        out: report directory (data and trained runs go under it; complete runs are reused).
-        scale: debug (seconds) or small (about 15 minutes on a 2-core CPU); with --checkpoint: prompts and shots.
-        checkpoint: evaluate this checkpoint or run directory (with its own tokenizer) instead of training.
-        shots: exemplars per class (default: 2 at debug, 4 at small).
-        seed: seed of the items held out, the prompts, the data and every model's initialisation.
-        device: cpu, cuda, cuda:N or auto.
     """
-    command = study.command_line(("lab", "icl"), icl_cli, locals())
-    run_icl(out, scale, checkpoint, shots, seed, device, command)
-    print(f"wrote {Path(out) / 'report.md'}")
+    command = study.options_command(("lab", "icl"), options)
+    run_icl(
+        options.out, options.scale, options.checkpoint, options.shots, options.seed, options.device, command
+    )
+    print(f"wrote {Path(options.out) / 'report.md'}")

@@ -838,22 +838,23 @@ def write_report(
     return path
 
 
-def scaling_run_cli(
-    out: str = "reports/lab/scaling-run", scale: str = "small", seed: int = 0, device: str = "auto"
-) -> None:
+@dataclass
+class ScalingRunOptions(study.StudyOptions):
+    """Flags of `multitoken lab scaling run`."""
+
+    out: str = "reports/lab/scaling-run"
+    scale: str = "small"
+    """debug (seconds), small (about 15 minutes on a 2-core CPU) or medium (a GPU; untested)."""
+
+
+def scaling_run_cli(options: ScalingRunOptions) -> None:
     """Can a small model's final loss be predicted before it is trained, from smaller runs?
 
     Trains a grid of byte-level models (widths x token budgets) for n_future = 1 and 4, fits Chinchilla's
     L(N, D) and the compute law L(C) on every run but the largest, writes the prediction for the largest
     to prediction.json, then trains it and reports each law's error (GPT-4's "predictable scaling").
     Writes report.md, two plots, results.json and runs.csv (readable by `lab scaling fit`).
-
-    Args:
-        out: report directory (prepared data and trained runs go under it; complete runs are reused).
-        scale: debug (seconds), small (about 15 minutes on a 2-core CPU) or medium (a GPU; untested).
-        seed: seed of every model's initialisation and data order.
-        device: cpu, cuda, cuda:N or auto.
     """
-    command = study.command_line(("lab", "scaling", "run"), scaling_run_cli, locals())
-    run_scaling(out, scale, seed, device, command)
-    print(f"wrote {Path(out) / 'report.md'}")
+    command = study.options_command(("lab", "scaling", "run"), options)
+    run_scaling(options.out, options.scale, options.seed, options.device, command)
+    print(f"wrote {Path(options.out) / 'report.md'}")
