@@ -467,6 +467,18 @@ def plot_flips(report: Report, results: dict[str, Any], sizes: list[str], scale:
     )
 
 
+def _accuracy_bars_axes(ax, groups: Sequence[str], xlabel: str, ylabel: str) -> None:
+    """Axes of grouped accuracy bars: one tick per group, 0-100% with room above for the legend, and the
+    50% chance line."""
+    ax.axhline(50, color="grey", linestyle=":", label="chance")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 125)
+    ax.set_yticks(range(0, 101, 20))
+
+
 def plot_sul(report: Report, results: dict[str, Any]) -> None:
     """Grouped bars per model: zero-shot, true labels in context, foo/bar labels."""
     fig, ax = report.figure()
@@ -477,13 +489,9 @@ def plot_sul(report: Report, results: dict[str, Any]) -> None:
     for g, (condition, name) in enumerate(groups):
         xs = [i + (g - (len(groups) - 1) / 2) * width for i in range(len(labels))]
         ax.bar(xs, [pct(results["models"][m], condition) for m in labels], width, label=name)
-    ax.axhline(50, color="grey", linestyle=":", label="chance")
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels)
-    ax.set_xlabel("model (width, heads)")
-    ax.set_ylabel("accuracy on the label the query's class carries (%)")
-    ax.set_ylim(0, 125)
-    ax.set_yticks(range(0, 101, 20))
+    _accuracy_bars_axes(
+        ax, labels, "model (width, heads)", "accuracy on the label the query's class carries (%)"
+    )
     ax.set_title("Semantically-unrelated labels (foo/bar) against the true labels")
     ax.legend(fontsize=8, ncol=2, loc="upper center")
     report.save_figure(
@@ -504,13 +512,9 @@ def plot_tasks(report: Report, results: dict[str, Any]) -> None:
             xs = [t + (m - (len(labels) - 1) / 2) * width for t in range(len(TASK_NAMES))]
             values = [pct(results["models"][label], condition, task) for task in TASK_NAMES]
             ax.bar_label(ax.bar(xs, values, width, label=label), fmt="%.0f", fontsize=6)
-        ax.axhline(50, color="grey", linestyle=":", label="chance")
-        ax.set_xticks(range(len(TASK_NAMES)))
-        ax.set_xticklabels(TASK_NAMES)
-        ax.set_xlabel("task (sentiment, category: memorised; parity, case: rules)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 125)
-        ax.set_yticks(range(0, 101, 20))
+        _accuracy_bars_axes(
+            ax, TASK_NAMES, "task (sentiment, category: memorised; parity, case: rules)", "accuracy (%)"
+        )
         ax.set_title(title, fontsize=10)
     axes[0][0].legend(fontsize=8, ncol=3, loc="upper center")
     report.save_figure(fig, "by_task.png", "Per task: 100%-flipped accuracy (0% = follows the context, 100% = "
