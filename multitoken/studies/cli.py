@@ -22,7 +22,7 @@ def study_commands() -> list[tuple[tuple[str, ...], Callable[..., Any], dict[str
     from multitoken.studies.paper.induction import InductionOptions, induction
     from multitoken.studies.paper.nsweep import NsweepOptions, nsweep
     from multitoken.studies.paper.polynomial import polynomial
-    from multitoken.studies.scaling.from_csv import scaling_fit
+    from multitoken.studies.scaling.from_csv import ScalingFitOptions, scaling_fit
     from multitoken.studies.scaling.grid import ScalingRunOptions, scaling_run_cli
 
     return [
@@ -39,6 +39,6 @@ def study_commands() -> list[tuple[tuple[str, ...], Callable[..., Any], dict[str
         (("lab", "mutual-information"), mutual_information_cli, {"config_cls": MutualInformationOptions}),
         (("lab", "choice-points"), choice_points_cli, {"config_cls": ChoicePointsOptions}),
         (("lab", "horizon"), horizon_cli, {"config_cls": HorizonOptions}),
-        (("lab", "scaling", "fit"), scaling_fit, {"positional": ("csv",)}),
+        (("lab", "scaling", "fit"), scaling_fit, {"config_cls": ScalingFitOptions, "positional": ("csv",)}),
         (("lab", "scaling", "run"), scaling_run_cli, {"config_cls": ScalingRunOptions}),
     ]
