@@ -1,5 +1,6 @@
 """Scaling-law fits: synthetic recovery, gradients, Epoch's Chinchilla replication, CSV front end."""
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -208,3 +209,18 @@ def test_csv_errors(tmp_path, text, kwargs, message):
 def test_too_few_points_for_arrays():
     with pytest.raises(UserError, match="5 parameters but only 4 points"):
         fit_chinchilla([1e8, 2e8, 3e8, 4e8], [1e9] * 4, [3.0, 2.9, 2.8, 2.7])
+
+
+def test_scaling_fit_flags_parse_to_the_values_the_parameters_had():
+    from helpers import parsed_options
+
+    before = dict(n_col="N", d_col=None, flop_col=None, loss_col="loss", drop_highest=0, bootstrap=0,
+                  csv="runs.csv", out="reports/lab/scaling")  # fmt: skip
+    assert dataclasses.asdict(parsed_options(["lab", "scaling", "fit", "runs.csv"])) == before
+    argv = ["lab", "scaling", "fit", "--n-col", "n", "--d-col", "d", "--flop-col", "f", "--loss-col", "l",
+            "--drop-highest", "2", "--bootstrap", "5", "--out", "o", "runs.csv"]  # fmt: skip
+    given = dict(n_col="n", d_col="d", flop_col="f", loss_col="l", drop_highest=2, bootstrap=5, csv="runs.csv",
+                 out="o")  # fmt: skip
+    assert dataclasses.asdict(parsed_options(argv)) == given
+    with pytest.raises(SystemExit):
+        parsed_options(["lab", "scaling", "fit"])  # the CSV stays required
