@@ -360,10 +360,8 @@ class LabRun:
 def options_command(path: tuple[str, ...], options: Any) -> list[str]:
     """The `multitoken PATH ...` command that reproduces a study's options dataclass (its flags, in field
     order, only where they differ from the defaults)."""
-    defaults, flags = (
-        type(options)(),
-        [f.name for f in dataclasses.fields(options) if f.metadata != NOT_A_FLAG],
-    )
+    flags = [f.name for f in dataclasses.fields(options) if f.metadata != NOT_A_FLAG]
+    defaults = type(options)()
     values = {name: getattr(options, name) for name in flags}
     return flags_line(path, values, {name: getattr(defaults, name) for name in flags})
 
