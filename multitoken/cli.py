@@ -220,7 +220,7 @@ class Command:
     build: Callable[[dict[str, Any]], Any] | None = None
     """Turns the explicit values into the config object; default: config_cls(**values)."""
     positional: tuple[str, ...] = ()
-    """Parameters taken as positional arguments rather than --flags (e.g. the CSV of `lab scaling fit`)."""
+    """Parameters or fields taken as positional arguments rather than --flags (e.g. the CSV of `lab scaling fit`)."""
     aliases: tuple[tuple[str, str, Any], ...] = ()
     """(flag, parameter, value): a flag that sets a parameter to a value, e.g. --no-speculative."""
 
@@ -270,6 +270,11 @@ def _describe(parser: argparse.ArgumentParser, command: Command) -> None:
                 continue  # comes from the data
             if f.metadata.get("flag") is False:
                 continue  # set by the program, not the user
+            if f.name in command.positional:
+                parser.add_argument(
+                    f.name, type=_scalar(strip_optional(hints[f.name])), help=docs.get(f.name)
+                )
+                continue
             text = docs.get(f.name, "")
             if cls is not command.config_cls and f.name in preset_fields:
                 text += " (default: set by --preset)"
@@ -345,9 +350,7 @@ def commands() -> list[Command]:
     found.append(Command(("import",), import_cli, positional=("src",)))
     found.append(Command(("export",), export_cli))
     found.append(Command(("distill-data",), distill_data, DistillDataConfig))
-    for path, fn in eval_commands():
-        found.append(Command(path, fn))
-    for path, fn, options in study_commands():
+    for path, fn, options in [*eval_commands(), *study_commands()]:
         found.append(Command(path, fn, **options))
     found.append(Command(("serve",), serve_cli))
     return found

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from multitoken.errors import UserError
+from multitoken.errors import UserError, check_at_least
 
 HeadStyle = Literal["transformer", "linear", "sequential", "medusa"]
 HEAD_STYLES = ("transformer", "linear", "sequential", "medusa")
@@ -66,12 +66,9 @@ class ModelConfig:
     """Standard deviation of the normal initialisation of linear and embedding weights."""
 
     def __post_init__(self) -> None:
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"{name} must be at least 1, got {value}")
-        if self.n_future < 1:
-            raise UserError(f"n_future must be at least 1, got {self.n_future}")
+        check_at_least(
+            self, 1, "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of", "n_future"
+        )
         if self.n_future > self.n_layers:  # before head_offsets is built from it
             raise UserError(
                 f"n_future={self.n_future} heads need at least as many layers, got n_layers={self.n_layers}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -50,3 +51,22 @@ def debug_config(data: Path, out: Path, **overrides) -> TrainConfig:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@functools.cache
+def _parser():
+    from multitoken.cli import build_parser, commands
+
+    return build_parser(commands())
+
+
+def parsed_options(argv: list[str]):
+    """The options object `multitoken ARGV` hands its command (parsed as `main` does, nothing run)."""
+    import dataclasses
+
+    from multitoken.cli import run_command
+
+    namespace = _parser().parse_args(argv)
+    handed = []
+    run_command(dataclasses.replace(getattr(namespace, "__command"), target=handed.append), namespace)
+    return handed[0]

@@ -13,6 +13,7 @@ Documents that are empty or only whitespace are skipped.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import hashlib
 import json
@@ -254,14 +255,22 @@ def _read_local(
         if path.suffix == ".jsonl":
             yield from _read_jsonl(path, field, skipped, chat)
             continue
-        try:
+        with _reading(path, skipped):
             yield path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            if skipped is None:
-                raise UserError(f"{path} is not UTF-8 text") from None
-            skipped["not UTF-8 text"] += 1
-        except OSError as err:
-            raise UserError(f"cannot read {path}: {err.strerror}") from None
+
+
+@contextlib.contextmanager
+def _reading(path: Path, skipped: collections.Counter | None) -> Iterator[None]:
+    """Reading `path`: an unreadable file is a one-line UserError, and so is one that is not UTF-8, unless a
+    `skipped` counter is given (then it is counted, and the rest of the file passed over)."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        if skipped is None:
+            raise UserError(f"{path} is not UTF-8 text") from None
+        skipped["not UTF-8 text"] += 1
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
 
 
 def _read_jsonl(
@@ -270,37 +279,30 @@ def _read_jsonl(
     skipped: collections.Counter | None = None,
     chat: Callable[[list], str] | None = None,
 ) -> Iterator[str]:
-    try:
-        with path.open(encoding="utf-8") as f:
-            first = True
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    if first and skipped is not None:
-                        skipped[".jsonl not in JSON lines"] += 1
-                        return
-                    raise UserError(f"{path} line {n} is not valid JSON") from None
-                text = record.get(field) if isinstance(record, dict) else None
-                if is_chat(text):
-                    if chat is None:
-                        raise ChatWithoutTemplate(f"{path} line {n}")
-                    text = chat(text)
-                if not isinstance(text, str):
-                    if first and skipped is not None:
-                        skipped[f".jsonl without a string {field!r} field"] += 1
-                        return
-                    raise UserError(f"{path} line {n} has no string field {field!r}")
-                first = False
-                yield text
-    except UnicodeDecodeError:
-        if skipped is None:
-            raise UserError(f"{path} is not UTF-8 text") from None
-        skipped["not UTF-8 text"] += 1
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    with _reading(path, skipped), path.open(encoding="utf-8") as f:
+        first = True
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if first and skipped is not None:
+                    skipped[".jsonl not in JSON lines"] += 1
+                    return
+                raise UserError(f"{path} line {n} is not valid JSON") from None
+            text = record.get(field) if isinstance(record, dict) else None
+            if is_chat(text):
+                if chat is None:
+                    raise ChatWithoutTemplate(f"{path} line {n}")
+                text = chat(text)
+            if not isinstance(text, str):
+                if first and skipped is not None:
+                    skipped[f".jsonl without a string {field!r} field"] += 1
+                    return
+                raise UserError(f"{path} line {n} has no string field {field!r}")
+            first = False
+            yield text
 
 
 # ---- Hugging Face datasets ----

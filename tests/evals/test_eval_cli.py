@@ -1,5 +1,6 @@
 """`multitoken eval ...` end to end: loss, HumanEval generation and scoring, MBPP, bad input (exit 2)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -123,3 +124,31 @@ def test_eval_code_bad_input(tmp_path, run, capsys):
     loss = ["eval", "loss", "--checkpoint", run, "--data", missing]
     _fails([*loss, "--batch-size", "0"], capsys, "batch_size must be at least 1")
     _fails([*loss, "--seq-len", "1"], capsys, "seq_len must be at least 2")
+
+
+def test_code_benchmark_flags_parse_to_the_values_the_parameters_had():
+    from multitoken.evals.cli import DEFAULT_WORKERS
+
+    from helpers import parsed_options
+
+    before = dict(checkpoint=None, samples=None, data=None, n_samples=1, temperature=0.0, top_p=0.95,
+                  max_new_tokens=256, limit=None, k=None, out=None, batch_size=8, seed=0, speculative=None,
+                  workers=DEFAULT_WORKERS, timeout_s=10.0, device="auto", json=None)  # fmt: skip
+    given = dict(checkpoint="run", samples="s.jsonl", data="d.jsonl", n_samples=4, temperature=0.5, top_p=0.9,
+                 max_new_tokens=32, limit=3, k=[1, 2], out="o", batch_size=2, seed=7, speculative=False,
+                 workers=1, timeout_s=2.5, device="cpu", json="j.json")  # fmt: skip
+    flags = ["--checkpoint", "run", "--samples", "s.jsonl", "--data", "d.jsonl", "--n-samples", "4",
+             "--temperature", "0.5", "--top-p", "0.9", "--max-new-tokens", "32", "--limit", "3", "--k", "1,2",
+             "--out", "o", "--batch-size", "2", "--seed", "7", "--no-speculative", "--workers", "1",
+             "--timeout-s", "2.5", "--device", "cpu", "--json", "j.json"]  # fmt: skip
+    for name in ("humaneval", "mbpp"):
+        assert dataclasses.asdict(parsed_options(["eval", name])) == before
+        assert list(dataclasses.asdict(parsed_options(["eval", name, *flags])).items()) == list(given.items())
+
+
+def test_code_benchmark_counts_must_be_at_least_one(run, capsys):
+    for flag in ("--n-samples", "--batch-size", "--max-new-tokens"):
+        name = flag[2:].replace("-", "_")
+        _fails(
+            ["eval", "humaneval", "--checkpoint", run, flag, "0"], capsys, f"{name} must be at least 1, got 0"
+        )

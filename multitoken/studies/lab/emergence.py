@@ -37,22 +37,13 @@ N_FUTURE = (1, 2)
 """Heads compared at every size."""
 QUESTION = "Do abilities emerge suddenly, or does a discontinuous metric make smooth progress look sudden?"
 """What the report answers."""
-METRICS = ("exact_match", "answer_logprob", "token_accuracy", "edit_distance")
-"""The metrics plotted, discontinuous first."""
-LABELS = {
-    "exact_match": "exact match (%)",
-    "answer_logprob": "-log p(answer + EOS) (nats, log scale)",
-    "token_accuracy": "per-token accuracy (%)",
-    "edit_distance": "token edit distance (tokens)",
+METRICS = {
+    "exact_match": ("exact match (%)", "exact match (discontinuous)"),
+    "answer_logprob": ("-log p(answer + EOS) (nats, log scale)", "answer log-prob (continuous)"),
+    "token_accuracy": ("per-token accuracy (%)", "per-token accuracy (continuous)"),
+    "edit_distance": ("token edit distance (tokens)", "edit distance (continuous)"),
 }
-"""Axis label of each metric."""
-TITLES = {
-    "exact_match": "exact match (discontinuous)",
-    "answer_logprob": "answer log-prob (continuous)",
-    "token_accuracy": "per-token accuracy (continuous)",
-    "edit_distance": "edit distance (continuous)",
-}
-"""Panel title of each metric."""
+"""The metrics plotted, discontinuous first: (axis label, panel title) of each."""
 PERCENT = {"exact_match", "token_accuracy"}
 """Metrics shown in percent."""
 CLOSE_TO_POWER = 0.9
@@ -345,8 +336,9 @@ def _finish_panel(ax, name: str, results: dict[str, Any], xlabel: str) -> None:
     if name == "answer_logprob":
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(LABELS[name])
-    ax.set_title(TITLES[name])
+    ylabel, title = METRICS[name]
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
 
 
 def _style(models: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -501,25 +493,25 @@ def write_report(
     return path
 
 
-def emergence_cli(
-    out: str = "reports/lab/emergence",
-    scale: Literal["debug", "small", "medium"] = "small",
-    seed: int = 0,
-    device: str = "auto",
-) -> None:
+@dataclass
+class EmergenceOptions(study.StudyOptions):
+    """Flags of `multitoken lab emergence`."""
+
+    out: str = "reports/lab/emergence"
+    scale: Literal["debug", "small", "medium"] = "small"
+    """debug (seconds), small (about 15 minutes on a 2-core CPU) or medium (a GPU)."""
+    seed: int = 0
+    """seed of the problems and of every model's initialisation and data order."""
+
+
+def emergence_cli(options: EmergenceOptions) -> None:
     """Abilities emerge, or do they? Exact match against continuous metrics over training and size.
 
     Trains byte-level models of several sizes, n=1 and n=2 each, on multi-digit addition (95+17=112),
     keeps every checkpoint, and scores held-out sums by exact match, answer log-prob, per-token
     accuracy and token edit distance, with random baselines and the test set's resolution
     (Schaeffer et al. 2023, "Are emergent abilities of large language models a mirage?").
-
-    Args:
-        out: report directory (prepared data and trained runs go under it; complete runs are reused).
-        scale: debug (seconds), small (about 15 minutes on a 2-core CPU) or medium (a GPU).
-        seed: seed of the problems and of every model's initialisation and data order.
-        device: cpu, cuda, cuda:N or auto.
     """
-    command = study.command_line(("lab", "emergence"), emergence_cli, locals())
-    run_emergence(out, scale, seed, device, command)
-    print(f"wrote {Path(out) / 'report.md'}")
+    command = study.options_command(("lab", "emergence"), options)
+    run_emergence(options.out, options.scale, options.seed, options.device, command)
+    print(f"wrote {Path(options.out) / 'report.md'}")

@@ -467,6 +467,18 @@ def plot_flips(report: Report, results: dict[str, Any], sizes: list[str], scale:
     )
 
 
+def _accuracy_bars_axes(ax, groups: Sequence[str], xlabel: str, ylabel: str) -> None:
+    """Axes of grouped accuracy bars: one tick per group, 0-100% with room above for the legend, and the
+    50% chance line."""
+    ax.axhline(50, color="grey", linestyle=":", label="chance")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 125)
+    ax.set_yticks(range(0, 101, 20))
+
+
 def plot_sul(report: Report, results: dict[str, Any]) -> None:
     """Grouped bars per model: zero-shot, true labels in context, foo/bar labels."""
     fig, ax = report.figure()
@@ -477,13 +489,9 @@ def plot_sul(report: Report, results: dict[str, Any]) -> None:
     for g, (condition, name) in enumerate(groups):
         xs = [i + (g - (len(groups) - 1) / 2) * width for i in range(len(labels))]
         ax.bar(xs, [pct(results["models"][m], condition) for m in labels], width, label=name)
-    ax.axhline(50, color="grey", linestyle=":", label="chance")
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels)
-    ax.set_xlabel("model (width, heads)")
-    ax.set_ylabel("accuracy on the label the query's class carries (%)")
-    ax.set_ylim(0, 125)
-    ax.set_yticks(range(0, 101, 20))
+    _accuracy_bars_axes(
+        ax, labels, "model (width, heads)", "accuracy on the label the query's class carries (%)"
+    )
     ax.set_title("Semantically-unrelated labels (foo/bar) against the true labels")
     ax.legend(fontsize=8, ncol=2, loc="upper center")
     report.save_figure(
@@ -504,13 +512,9 @@ def plot_tasks(report: Report, results: dict[str, Any]) -> None:
             xs = [t + (m - (len(labels) - 1) / 2) * width for t in range(len(TASK_NAMES))]
             values = [pct(results["models"][label], condition, task) for task in TASK_NAMES]
             ax.bar_label(ax.bar(xs, values, width, label=label), fmt="%.0f", fontsize=6)
-        ax.axhline(50, color="grey", linestyle=":", label="chance")
-        ax.set_xticks(range(len(TASK_NAMES)))
-        ax.set_xticklabels(TASK_NAMES)
-        ax.set_xlabel("task (sentiment, category: memorised; parity, case: rules)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 125)
-        ax.set_yticks(range(0, 101, 20))
+        _accuracy_bars_axes(
+            ax, TASK_NAMES, "task (sentiment, category: memorised; parity, case: rules)", "accuracy (%)"
+        )
         ax.set_title(title, fontsize=10)
     axes[0][0].legend(fontsize=8, ncol=3, loc="upper center")
     report.save_figure(fig, "by_task.png", "Per task: 100%-flipped accuracy (0% = follows the context, 100% = "
@@ -592,28 +596,33 @@ def write_report(
     return path
 
 
-def icl_cli(
-    out: str = "reports/lab/icl",
-    scale: Literal["debug", "small"] = "small",
-    checkpoint: str | None = None,
-    shots: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-) -> None:
+@dataclass
+class IclOptions:
+    """Flags of `multitoken lab icl` (in the order of its --help: a checkpoint and shots before the seed)."""
+
+    out: str = "reports/lab/icl"
+    """report directory (data and trained runs go under it; complete runs are reused)."""
+    scale: Literal["debug", "small"] = "small"
+    """debug (seconds) or small (about 15 minutes on a 2-core CPU); with --checkpoint: prompts and shots."""
+    checkpoint: str | None = None
+    """evaluate this checkpoint or run directory (with its own tokenizer) instead of training."""
+    shots: int | None = None
+    """exemplars per class (default: 2 at debug, 4 at small)."""
+    seed: int = 0
+    """seed of the items held out, the prompts, the data and every model's initialisation."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+
+
+def icl_cli(options: IclOptions) -> None:
     """Do models override their pretraining priors when in-context labels are flipped? (Wei et al. 2023)
 
     Trains n=1 and n=2 byte-level models at two sizes on a mixture of documents stating item labels
     (sentiment, animal/food, parity, upper/lower case) and few-shot documents with arbitrary label words,
     then scores k-shot prompts with 0-100% of the exemplar labels flipped and with foo/bar labels.
-
-    Args:
-        out: report directory (data and trained runs go under it; complete runs are reused).
-        scale: debug (seconds) or small (about 15 minutes on a 2-core CPU); with --checkpoint: prompts and shots.
-        checkpoint: evaluate this checkpoint or run directory (with its own tokenizer) instead of training.
-        shots: exemplars per class (default: 2 at debug, 4 at small).
-        seed: seed of the items held out, the prompts, the data and every model's initialisation.
-        device: cpu, cuda, cuda:N or auto.
     """
-    command = study.command_line(("lab", "icl"), icl_cli, locals())
-    run_icl(out, scale, checkpoint, shots, seed, device, command)
-    print(f"wrote {Path(out) / 'report.md'}")
+    command = study.options_command(("lab", "icl"), options)
+    run_icl(
+        options.out, options.scale, options.checkpoint, options.shots, options.seed, options.device, command
+    )
+    print(f"wrote {Path(options.out) / 'report.md'}")

@@ -278,24 +278,24 @@ def write_report(
     return path
 
 
-def think_cli(
-    out: str = "reports/lab/think",
-    scale: Literal["debug", "small"] = "small",
-    seed: int = 0,
-    device: str = "auto",
-) -> None:
+@dataclass
+class ThinkOptions(study.StudyOptions):
+    """Flags of `multitoken lab think`."""
+
+    out: str = "reports/lab/think"
+    scale: Literal["debug", "small"] = "small"
+    """debug (seconds) or small (about 15 minutes on a 2-core CPU)."""
+    seed: int = 0
+    """seed of the problems and of every model's initialisation."""
+
+
+def think_cli(options: ThinkOptions) -> None:
     """Does a scratchpad help a small LM add, and does multi-token prediction change that?
 
     Trains n=1 and n=2 byte-level models on d-digit addition written directly (12+34=46), with the
     answer reversed (12+34=64) or with a per-digit scratchpad (12+34=2+4=6 c0;1+3+0=4 c0;=46), all at the
     same training-token budget, and scores greedy exact match on held-out sums per number of digits.
-
-    Args:
-        out: report directory (prepared data and trained runs go under it; complete runs are reused).
-        scale: debug (seconds) or small (about 15 minutes on a 2-core CPU).
-        seed: seed of the problems and of every model's initialisation.
-        device: cpu, cuda, cuda:N or auto.
     """
-    command = study.command_line(("lab", "think"), think_cli, locals())
-    run_think(out, scale, seed, device, command)
-    print(f"wrote {Path(out) / 'report.md'}")
+    command = study.options_command(("lab", "think"), options)
+    run_think(options.out, options.scale, options.seed, options.device, command)
+    print(f"wrote {Path(options.out) / 'report.md'}")

@@ -7,10 +7,9 @@ forward and 6.39x at 7B).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from multitoken.studies.paper.code_runs import CodeScale, CodeStudyOptions, run_code_study
+from multitoken.studies.paper.code_runs import BytesOptions, CodeScale, run_code_study
 from multitoken.studies.report import Report
 from multitoken.studies.runs import print_table
 
@@ -27,13 +26,6 @@ SCALES = {
     "large": CodeScale(dim=1024, n_layers=16, n_heads=16, max_steps=30_000, batch_size=128, seq_len=2048,
                        max_documents=0, n_prompts=128, prompt_len=512, max_new_tokens=512, lr=6e-4),
 }  # fmt: skip
-
-
-@dataclass
-class BytesOptions(CodeStudyOptions):
-    """Flags of `multitoken experiment bytes`."""
-
-    out: str = "reports/bytes"
 
 
 def bytes_experiment(options: BytesOptions) -> dict:

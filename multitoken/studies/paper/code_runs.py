@@ -98,6 +98,20 @@ class CodeStudyOptions:
     """Code corpus: python-stdlib, or a directory, glob or file."""
 
 
+@dataclass
+class BytesOptions(CodeStudyOptions):
+    """Flags of `multitoken experiment bytes`."""
+
+    out: str = "reports/bytes"
+
+
+@dataclass
+class NsweepOptions(CodeStudyOptions):
+    """Flags of `multitoken experiment nsweep`."""
+
+    out: str = "reports/nsweep"
+
+
 def run_code_study(
     options: CodeStudyOptions, scales: dict[str, CodeScale], tokenizer: str, n_futures: tuple[int, ...]
 ) -> tuple[Path, CodeScale, dict[str, dict[str, Any]]]:

@@ -28,6 +28,7 @@ from multitoken.studies.corpora import stories
 from multitoken.studies.report import Report
 from multitoken.studies.runs import (
     Budget,
+    StudyOptions,
     final_validation,
     pick_scale,
     print_table,
@@ -327,33 +328,35 @@ def score_run(run_dir: Path, data: Corpus, seq_len: int, device: str) -> dict:
     }
 
 
-def induction(
-    out: str = "reports/induction",
-    scale: str = "small",
-    seed: int = 0,
-    device: str = "auto",
-    corpus: str = "",
-    names: str = "",
-) -> dict:
+@dataclass
+class InductionOptions(StudyOptions):
+    """Flags of `multitoken experiment induction`."""
+
+    out: str = "reports/induction"
+    """report directory; runs go under OUT/runs/dDIM-nN[-sK] and are reused when complete."""
+    scale: str = "small"
+    """debug (seconds), small (a CPU, ~30 min), cpu (one CPU core, ~1 hour, 2 seeds), medium or
+    large (GPU)."""
+    seed: int = 0
+    """seed of the corpus and the names, and of the first model of each size (extra seeds add 1, 2..)."""
+    corpus: str = ""
+    """a story corpus (directory, file or glob) to use instead of the generated stories."""
+    names: str = ""
+    """file of the character names used in --corpus, one per line (required with --corpus)."""
+
+
+def induction(options: InductionOptions) -> dict:
     """Induction on stories with random two-token names: accuracy vs model size for n = 1 and n = 2.
 
     Measures the next-token head's greedy accuracy on the second token of a name already mentioned in
     the same story (paper §4.1: n = 2 helps small models most). Every kept checkpoint is scored; the
     report gives the final and the best one (the paper stops early on the test metric).
-
-    Args:
-        out: report directory; runs go under OUT/runs/dDIM-nN[-sK] and are reused when complete.
-        scale: debug (seconds), small (a CPU, ~30 min), cpu (one CPU core, ~1 hour, 2 seeds), medium or
-            large (GPU).
-        seed: seed of the corpus and the names, and of the first model of each size (extra seeds add 1, 2..).
-        device: cpu, cuda, cuda:N or auto.
-        corpus: a story corpus (directory, file or glob) to use instead of the generated stories.
-        names: file of the character names used in --corpus, one per line (required with --corpus).
     """
+    scale, seed = options.scale, options.seed
     preset = pick_scale(scale, SCALES)
-    device = resolve_device(device)
-    root = Path(out)
-    data = build_corpus(root, preset, seed, corpus, names)
+    device = resolve_device(options.device)
+    root = Path(options.out)
+    data = build_corpus(root, preset, seed, options.corpus, options.names)
     results: dict[str, dict] = {}
     for dim, n, offset in planned_runs(preset):
         name = run_name(dim, n, offset)

@@ -7,10 +7,9 @@ and peak memory (CUDA max allocated, or the RSS high-water mark on CPU).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from multitoken.studies.paper.code_runs import CodeScale, CodeStudyOptions, run_code_study
+from multitoken.studies.paper.code_runs import CodeScale, NsweepOptions, run_code_study
 from multitoken.studies.report import Report
 from multitoken.studies.runs import print_table, resolve_device
 
@@ -32,13 +31,6 @@ SCALES = {
     "large": CodeScale(dim=1024, n_layers=16, n_heads=16, max_steps=30_000, batch_size=128, seq_len=2048,
                        max_documents=0, vocab_size=32768, n_prompts=128, prompt_len=256, max_new_tokens=256, lr=6e-4),
 }  # fmt: skip
-
-
-@dataclass
-class NsweepOptions(CodeStudyOptions):
-    """Flags of `multitoken experiment nsweep`."""
-
-    out: str = "reports/nsweep"
 
 
 def nsweep(options: NsweepOptions) -> dict:

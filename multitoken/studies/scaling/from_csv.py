@@ -8,9 +8,11 @@ compute-efficient envelope in C = 6 N D. Chinchilla's L(N, D) uses every kept ru
 from __future__ import annotations
 
 import csv as csv_module
+import dataclasses
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from multitoken.studies.scaling.fit import (
 __all__ = [
     "ChinchillaFit",
     "ComputeFit",
+    "CsvFit",
     "FitDidNotConverge",
     "KaplanFit",
     "fit_chinchilla",
@@ -113,23 +116,34 @@ def _answer(fit: ChinchillaFit, rel_rms: float, r2: float, n: int) -> str:
     )
 
 
-def fit_csv(
-    path: str | Path,
-    *,
-    n_col: str = "N",
-    d_col: str | None = None,
-    flop_col: str | None = None,
-    loss_col: str = "loss",
-    drop_highest: int = 0,
-    bootstrap: int = 0,
-    out_dir: str | Path | None = None,
-) -> dict:
+@dataclass
+class CsvFit:
+    """Which columns of a CSV of runs to fit, and how (flags of `multitoken lab scaling fit`)."""
+
+    n_col: str = "N"
+    """Column holding model size N (parameters)."""
+    d_col: str | None = None
+    """Column holding training tokens D (give this or flop_col)."""
+    flop_col: str | None = None
+    """Column holding training FLOP; D = FLOP / (6 N)."""
+    loss_col: str = "loss"
+    """Column holding the final loss."""
+    drop_highest: int = 0
+    """Drop this many highest-loss runs before fitting."""
+    bootstrap: int = 0
+    """Bootstrap resamples for standard errors and 95 percent intervals (0: none)."""
+
+
+def fit_csv(path: str | Path, how: CsvFit | None = None, out_dir: str | Path | None = None) -> dict:
     """Fit Chinchilla, Kaplan and compute laws to the runs in a CSV; optionally write a report.
 
-    D comes from `d_col`, or D = FLOP / (6 N) from `flop_col`. The `drop_highest` highest-loss rows are
-    dropped first. Returns a JSON-serialisable dict; with `out_dir`, also writes results.json, report.md
-    and scaling.png there.
+    D comes from `how.d_col`, or D = FLOP / (6 N) from `how.flop_col`. The `how.drop_highest`
+    highest-loss rows are dropped first. Returns a JSON-serialisable dict; with `out_dir`, also writes
+    results.json, report.md and scaling.png there.
     """
+    how = how or CsvFit()
+    n_col, d_col, flop_col, loss_col = how.n_col, how.d_col, how.flop_col, how.loss_col
+    drop_highest, bootstrap = how.drop_highest, how.bootstrap
     if (d_col is None) == (flop_col is None):
         raise UserError("give exactly one of d_col (tokens per run) or flop_col (training FLOP per run)")
     if drop_highest < 0 or bootstrap < 0:
@@ -183,12 +197,7 @@ def fit_csv(
     results["inputs"] = {
         "csv": str(path),
         "csv_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "n_col": n_col,
-        "d_col": d_col,
-        "flop_col": flop_col,
-        "loss_col": loss_col,
-        "drop_highest": drop_highest,
-        "bootstrap": bootstrap,
+        **{f.name: getattr(how, f.name) for f in dataclasses.fields(CsvFit)},
         "rows": len(keep) + len(dropped),
         "rows_used": len(keep),
         "dropped_rows": _rows(dropped),
@@ -314,34 +323,23 @@ def plot_fit(
 # ---- CLI --------------------------------------------------------------------------------------------
 
 
-def scaling_fit(
-    csv: str,
-    n_col: str = "N",
-    d_col: str | None = None,
-    flop_col: str | None = None,
-    loss_col: str = "loss",
-    drop_highest: int = 0,
-    bootstrap: int = 0,
-    out: str = "reports/lab/scaling",
-) -> None:
-    """Fit Chinchilla, Kaplan and compute scaling laws to a CSV of runs and write a report.
+@dataclass
+class ScalingFitOptions(CsvFit):
+    """Flags of `multitoken lab scaling fit`."""
 
-    Args:
-        csv: CSV file with one training run per row.
-        n_col: Column holding model size N (parameters).
-        d_col: Column holding training tokens D (give this or flop_col).
-        flop_col: Column holding training FLOP; D = FLOP / (6 N).
-        loss_col: Column holding the final loss.
-        drop_highest: Drop this many highest-loss runs before fitting.
-        bootstrap: Bootstrap resamples for standard errors and 95 percent intervals (0: none).
-        out: Directory for results.json, report.md and scaling.png.
-    """
-    results = fit_csv(csv, n_col=n_col, d_col=d_col, flop_col=flop_col, loss_col=loss_col,
-                      drop_highest=drop_highest, bootstrap=bootstrap, out_dir=out)  # fmt: skip
+    csv: str = ""
+    """CSV file with one training run per row."""
+    out: str = "reports/lab/scaling"
+    """Directory for results.json, report.md and scaling.png."""
+
+
+def scaling_fit(options: ScalingFitOptions) -> None:
+    """Fit Chinchilla, Kaplan and compute scaling laws to a CSV of runs and write a report."""
+    results = fit_csv(options.csv, options, out_dir=options.out)
     ch = results["chinchilla"]
     print(f"{'param':>6}  {'estimate':>10}" + ("  95% interval" if ch.get("ci95") else ""))
     for name in CHINCHILLA_PARAMS:
         ci = ch.get("ci95")
         print(f"{name:>6}  {ch[name]:>10.4g}" + (f"  [{ci[name][0]:.4g}, {ci[name][1]:.4g}]" if ci else ""))
     print(results["answer"])
-    print(f"report: {Path(out) / 'report.md'}")
+    print(f"report: {Path(options.out) / 'report.md'}")

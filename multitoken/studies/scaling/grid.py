@@ -587,17 +587,11 @@ def plot_compute(report: Report, results: dict, grid: list[GridPoint], preset: G
             _mark_prediction(ax, target.flops, prediction["chinchilla"]["predicted_loss"], "L(N, D)")
         _mark_actual(ax, target.flops, target.loss)
         ax.axvline(C.max(), color="grey", lw=0.8, ls=":")
-        ax.set_xscale("log")
-        _label_log_axis(ax.xaxis)
-        ax.set(
-            xlabel="training compute C = 6 N D (FLOP, N non-embedding)",
-            ylabel="final next-token val loss (nats/byte)",
-            title=f"{label}: loss vs compute",
-        )
-        ax.grid(True, which="both", alpha=0.2)
-    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the data, never on it
-    report.save_figure(
+        _loss_panel(ax, "training compute C = 6 N D (FLOP, N non-embedding)", f"{label}: loss vs compute")
+    _save_panels(
+        report,
         fig,
+        axes,
         "loss_vs_compute.png",
         "Final validation loss vs training compute, one panel per n. Dots: the runs fitted, coloured by "
         "width (ringed: the compute-efficient ones L(C) is fitted to); dashed: L(C) beyond the largest fitted compute "
@@ -605,16 +599,26 @@ def plot_compute(report: Report, results: dict, grid: list[GridPoint], preset: G
     )
 
 
-def _label_log_axis(axis) -> None:
-    """Label a log axis at 1, 2 and 5 times powers of ten, as 2e+08 (a narrow range has few decades)."""
+def _loss_panel(ax, xlabel: str, title: str) -> None:
+    """A panel of final loss against a log x axis labelled at 1, 2 and 5 times powers of ten, as 2e+08
+    (a narrow range has few decades)."""
     from matplotlib.ticker import FuncFormatter
 
     def label(x: float, _) -> str:
         mantissa = round(x / 10 ** np.floor(np.log10(x))) if x > 0 else 0
         return f"{x:.0e}" if mantissa in (1, 2, 5) else ""
 
-    axis.set_major_formatter(FuncFormatter(label))
-    axis.set_minor_formatter(FuncFormatter(label))
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(label))
+    ax.xaxis.set_minor_formatter(FuncFormatter(label))
+    ax.set(xlabel=xlabel, ylabel="final next-token val loss (nats/byte)", title=title)
+    ax.grid(True, which="both", alpha=0.2)
+
+
+def _save_panels(report: Report, fig, axes, name: str, caption: str) -> None:
+    """Save a row of panels with the legend beside the last one (beside the data, never on it)."""
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    report.save_figure(fig, name, caption)
 
 
 def plot_params(report: Report, results: dict, grid: list[GridPoint], preset: GridScale) -> None:
@@ -652,17 +656,11 @@ def plot_params(report: Report, results: dict, grid: list[GridPoint], preset: Gr
                 ax, target.non_embedding_params, prediction["chinchilla"]["predicted_loss"], "L(N, D)"
             )
         _mark_actual(ax, target.non_embedding_params, target.loss)
-        ax.set_xscale("log")
-        _label_log_axis(ax.xaxis)
-        ax.set(
-            xlabel="N (non-embedding parameters)",
-            ylabel="final next-token val loss (nats/byte)",
-            title=f"{label}: loss vs model size",
-        )
-        ax.grid(True, which="both", alpha=0.2)
-    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the data, never on it
-    report.save_figure(
+        _loss_panel(ax, "N (non-embedding parameters)", f"{label}: loss vs model size")
+    _save_panels(
+        report,
         fig,
+        axes,
         "loss_vs_params.png",
         "Final validation loss vs model size, one line per token budget D (solid: measured; dashed: the "
         "Chinchilla fit to every run but the held-out one, shown at each D).",
@@ -838,22 +836,23 @@ def write_report(
     return path
 
 
-def scaling_run_cli(
-    out: str = "reports/lab/scaling-run", scale: str = "small", seed: int = 0, device: str = "auto"
-) -> None:
+@dataclass
+class ScalingRunOptions(study.StudyOptions):
+    """Flags of `multitoken lab scaling run`."""
+
+    out: str = "reports/lab/scaling-run"
+    scale: str = "small"
+    """debug (seconds), small (about 15 minutes on a 2-core CPU) or medium (a GPU; untested)."""
+
+
+def scaling_run_cli(options: ScalingRunOptions) -> None:
     """Can a small model's final loss be predicted before it is trained, from smaller runs?
 
     Trains a grid of byte-level models (widths x token budgets) for n_future = 1 and 4, fits Chinchilla's
     L(N, D) and the compute law L(C) on every run but the largest, writes the prediction for the largest
     to prediction.json, then trains it and reports each law's error (GPT-4's "predictable scaling").
     Writes report.md, two plots, results.json and runs.csv (readable by `lab scaling fit`).
-
-    Args:
-        out: report directory (prepared data and trained runs go under it; complete runs are reused).
-        scale: debug (seconds), small (about 15 minutes on a 2-core CPU) or medium (a GPU; untested).
-        seed: seed of every model's initialisation and data order.
-        device: cpu, cuda, cuda:N or auto.
     """
-    command = study.command_line(("lab", "scaling", "run"), scaling_run_cli, locals())
-    run_scaling(out, scale, seed, device, command)
-    print(f"wrote {Path(out) / 'report.md'}")
+    command = study.options_command(("lab", "scaling", "run"), options)
+    run_scaling(options.out, options.scale, options.seed, options.device, command)
+    print(f"wrote {Path(options.out) / 'report.md'}")

@@ -1,5 +1,6 @@
 """Scaling-law fits: synthetic recovery, gradients, Epoch's Chinchilla replication, CSV front end."""
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,9 @@ from multitoken.errors import UserError
 from multitoken.studies.scaling.fit import huber_objective
 from multitoken.studies.scaling.from_csv import (
     ChinchillaFit,
+    CsvFit,
     FitDidNotConverge,
+    ScalingFitOptions,
     _read_columns,
     fit_chinchilla,
     fit_compute,
@@ -109,8 +112,8 @@ needs_data = pytest.mark.skipif(not CHINCHILLA_CSV.is_file(), reason="examples/c
 @needs_data
 def test_chinchilla_replication_matches_epoch(tmp_path):
     start = time.perf_counter()
-    res = fit_csv(CHINCHILLA_CSV, n_col="Model Size", flop_col="Training FLOP", drop_highest=5, bootstrap=30,
-                  out_dir=tmp_path)  # fmt: skip
+    how = CsvFit(n_col="Model Size", flop_col="Training FLOP", drop_highest=5, bootstrap=30)
+    res = fit_csv(CHINCHILLA_CSV, how, out_dir=tmp_path)
     elapsed = time.perf_counter() - start
     print(f"Chinchilla replication (grid fit + 30 bootstrap refits + report): {elapsed:.1f} s")
     assert elapsed < 60
@@ -161,13 +164,13 @@ def good_csv(tmp_path) -> Path:
 
 def test_csv_fit_and_cli_report(tmp_path, capsys):
     path = good_csv(tmp_path)
-    res = fit_csv(path, d_col="D", drop_highest=2)
+    res = fit_csv(path, CsvFit(d_col="D", drop_highest=2))
     assert res["inputs"]["rows_used"] == 46 and len(res["inputs"]["dropped_rows"]) == 2
     assert_rel(res["chinchilla"], {"alpha": 0.34, "beta": 0.28}, 1e-3)
     json.dumps(res)
-    by_flop = fit_csv(path, flop_col="flop")
+    by_flop = fit_csv(path, CsvFit(flop_col="flop"))
     assert by_flop["chinchilla"]["alpha"] == pytest.approx(0.34, rel=1e-3)
-    scaling_fit(str(path), d_col="D", out=str(tmp_path / "rep"))
+    scaling_fit(ScalingFitOptions(csv=str(path), d_col="D", out=str(tmp_path / "rep")))
     out = capsys.readouterr().out
     assert "alpha" in out and f"report: {tmp_path / 'rep' / 'report.md'}" in out
     assert (tmp_path / "rep" / "scaling.png").stat().st_size > 10_000
@@ -199,10 +202,25 @@ def test_csv_errors(tmp_path, text, kwargs, message):
     if text is not None:
         write_csv(path, text)
     with pytest.raises(UserError, match=message) as info:
-        fit_csv(path, **kwargs)
+        fit_csv(path, CsvFit(**kwargs))
     assert "\n" not in str(info.value)
 
 
 def test_too_few_points_for_arrays():
     with pytest.raises(UserError, match="5 parameters but only 4 points"):
         fit_chinchilla([1e8, 2e8, 3e8, 4e8], [1e9] * 4, [3.0, 2.9, 2.8, 2.7])
+
+
+def test_scaling_fit_flags_parse_to_the_values_the_parameters_had():
+    from helpers import parsed_options
+
+    before = dict(n_col="N", d_col=None, flop_col=None, loss_col="loss", drop_highest=0, bootstrap=0,
+                  csv="runs.csv", out="reports/lab/scaling")  # fmt: skip
+    assert dataclasses.asdict(parsed_options(["lab", "scaling", "fit", "runs.csv"])) == before
+    argv = ["lab", "scaling", "fit", "--n-col", "n", "--d-col", "d", "--flop-col", "f", "--loss-col", "l",
+            "--drop-highest", "2", "--bootstrap", "5", "--out", "o", "runs.csv"]  # fmt: skip
+    given = dict(n_col="n", d_col="d", flop_col="f", loss_col="l", drop_highest=2, bootstrap=5, csv="runs.csv",
+                 out="o")  # fmt: skip
+    assert dataclasses.asdict(parsed_options(argv)) == given
+    with pytest.raises(SystemExit):
+        parsed_options(["lab", "scaling", "fit"])  # the CSV stays required
