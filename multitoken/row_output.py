@@ -59,17 +59,28 @@ class RowOutput:
         return new
 
     def _cut_at_stop(self, new: list[int]) -> int | None:
-        """Number of `new` tokens to keep so the text ends with the first stop string, or None."""
-        old = self.tokens
+        """Number of `new` tokens to keep so the text ends with the first stop string, or None.
+
+        Only the old text's last characters can start a stop string that the new tokens complete, so
+        only the last `STOP_CONTEXT_PER_CHAR * longest + STOP_CONTEXT_SLACK` old tokens are decoded (a
+        character is at most 4 bytes, a token at least one): a row's check costs what its new tokens
+        do, not its whole text again.
+        """
         longest = max(len(s) for s in self.stop_strings)
-        # A stop string can start at most `longest` characters before the old text's end.
-        start = max(len(self.tokenizer.decode(old)) - longest, 0)
-        if not any(s in self.tokenizer.decode(old + new)[start:] for s in self.stop_strings):
+        context = self.tokens[-(STOP_CONTEXT_PER_CHAR * longest + STOP_CONTEXT_SLACK) :]
+        start = max(len(self.tokenizer.decode(context)) - longest, 0)
+        if not any(s in self.tokenizer.decode(context + new)[start:] for s in self.stop_strings):
             return None
         for kept in range(1, len(new) + 1):
-            if any(s in self.tokenizer.decode(old + new[:kept])[start:] for s in self.stop_strings):
+            if any(s in self.tokenizer.decode(context + new[:kept])[start:] for s in self.stop_strings):
                 return kept
         return len(new)
+
+
+STOP_CONTEXT_PER_CHAR = 4
+"""Old tokens decoded per character of the longest stop string (UTF-8 needs at most 4 bytes)."""
+STOP_CONTEXT_SLACK = 4
+"""Extra old tokens, so the context starts with whole characters before the ones that matter."""
 
 
 __all__ = ["RowOutput"]

@@ -12,6 +12,8 @@ from multitoken.errors import UserError
 from multitoken.generate import generate
 from multitoken.generate_cli import generate_cli
 from multitoken.loss import multi_token_backward
+from multitoken.row_output import RowOutput
+from multitoken.tokenizer import byte_tokenizer
 
 from conftest import HEAD_STYLES, tiny_model
 
@@ -264,3 +266,27 @@ def test_compiled_decoding_step_matches_eager_and_is_reused():
     assert counters["stats"]["unique_graphs"] == 1  # the cache length bucket kept the shapes static
     adaptive = generate(model, PROMPTS, 12, compile=True)  # plans of other block sizes: more graphs
     assert adaptive.tokens == generate(model, PROMPTS, 12, speculative=False).tokens
+
+
+def _first_stop_reference(tokenizer, tokens: list[int], stops: list[str]) -> int | None:
+    """Tokens kept by a whole-text search: the shortest prefix whose text contains a stop string."""
+    for n in range(1, len(tokens) + 1):
+        if any(s in tokenizer.decode(tokens[:n]) for s in stops):
+            return n
+    return None
+
+
+@pytest.mark.parametrize("stops", [["b"], ["ll"], ["é"], ["🙂"], ["wörld,"], ["é", "🙂 a"], ["zz"]])
+def test_stop_strings_found_from_the_text_tail_equal_a_whole_text_search(stops):
+    tokenizer = byte_tokenizer()
+    tokens = tokenizer.encode("hello wörld, é and 🙂 again ab " * 3)
+    rng = torch.Generator().manual_seed(0)
+    for run in range(5):
+        row, at = RowOutput(len(tokens), stop_strings=stops, tokenizer=tokenizer), 0
+        while not row.done and at < len(tokens):
+            size = 1 if run == 0 else int(torch.randint(1, 5, (1,), generator=rng))
+            row.add(tokens[at : at + size])
+            at += size
+        expected = _first_stop_reference(tokenizer, tokens, stops)
+        assert len(row.tokens) == (expected if expected is not None else len(tokens))
+        assert row.reason == ("stop" if expected is not None else "length")
