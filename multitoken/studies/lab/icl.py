@@ -38,7 +38,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from tqdm import tqdm
 
 from multitoken.checkpoint import load_checkpoint
@@ -86,13 +85,6 @@ VAL_FRACTION = 0.05
 
 
 @torch.no_grad()
-def next_token_logits(model, tokens_BT: Tensor) -> Tensor:
-    """`logits_BTV` of the next-token head alone (the other heads are not run)."""
-    rope = model.rope_context(tokens_BT, None)
-    h_BTD = model.trunk_forward(tokens_BT, rope)
-    return model.logits(model.head_forward(0, h_BTD, rope))
-
-
 class ModelScorer:
     """LabelScorer of a MultiTokenLM and its tokenizer: `<eos> prompt candidate`, scored by head 1."""
 
@@ -139,7 +131,7 @@ class ModelScorer:
             width = max(len(ids) for _, _, ids, _ in batch)
             rows = [ids + [self.tokenizer.eos_id] * (width - len(ids)) for _, _, ids, _ in batch]
             tokens_BT = torch.tensor(rows, device=device)
-            logp_BTV = F.log_softmax(next_token_logits(self.model, tokens_BT).float(), dim=-1)
+            logp_BTV = F.log_softmax(self.model.next_token_logits(tokens_BT).float(), dim=-1)
             for b, (i, j, ids, n) in enumerate(batch):
                 end = len(ids)
                 targets = tokens_BT[b, end - n : end]
