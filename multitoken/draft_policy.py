@@ -20,7 +20,8 @@ little they have been seen (EXPLORE), so each gets tried rather than sitting at 
 ages only the statistics of the heads it used. Once a plan has a few timed steps, their measured
 cost replaces the calibrated one.
 
-Probing. While plain decoding wins, the policy probes now and then, at intervals that double while
+Probing. While plain decoding wins, and some drafting plan could win if its drafts were all
+accepted, the policy probes now and then, at intervals that double while
 probing finds nothing (FIRST_PROBE_INTERVAL up to MAX_PROBE_INTERVAL steps, times a one-draft
 chain's cost relative to a plain step, or a shadow probe's extra cost). A probe is a one-draft chain or, where the heads keep no cache and
 decoding is greedy, a shadow step: a plain step that also scores the first head's guess against
@@ -266,7 +267,7 @@ class DraftPolicy:
         self.steps += 1
         best = self._best(batch_size)
         self.probing = False
-        if best.n_heads == 0 and self.n_heads:
+        if best.n_heads == 0 and self.n_heads and self.drafting_could_pay(batch_size):
             self.steps_since_drafting += 1
             due = self.steps_since_drafting >= self.probe_interval * self._probe_spacing(batch_size)
             if due or self.probe_accepted:
@@ -277,6 +278,19 @@ class DraftPolicy:
             self.probe_interval = FIRST_PROBE_INTERVAL
         self.plan_counts[best.name] += 1
         return best
+
+    def drafting_could_pay(self, batch_size: int) -> bool:
+        """Whether some drafting plan would beat plain decoding by the margin if every draft were
+        accepted (a plan with k levels of drafts commits at most k + 1 tokens a row). Where none could,
+        say heads whose caches make one draft cost twice a plain step, probing only costs time."""
+        plain = self.step_seconds(self.chains[0].name, batch_size)
+        if not plain:
+            return True
+        for plan in [*self.chains[1:], *(plan for _, plan in self.tree_plans)]:
+            seconds = self.step_seconds(plan.name, batch_size)
+            if seconds is None or (1 + plan.n_drafts) * plain / seconds > 1 + DRAFT_MARGIN:
+                return True
+        return False
 
     def step_seconds(self, plan_name: str, batch_size: int) -> float | None:
         """A plan's seconds per step (see `_step_seconds`), cached between cost updates."""

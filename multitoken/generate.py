@@ -295,6 +295,10 @@ def generate(
         else:
             policy = adaptive_policy(model, B)
             calibration = policy.calibration_seconds
+    if policy is not None and not policy.drafting_could_pay(B):
+        # No plan could beat plain decoding here even if every draft were accepted: decode plainly,
+        # without the policy's work per step.
+        fixed, policy = DraftPlan.chain(0), None
     start_time = time.perf_counter()
     clock = step_clock(device)  # what the step costs were measured with
     generator = None

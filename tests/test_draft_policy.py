@@ -255,8 +255,9 @@ def test_new_text_weighs_the_old_texts_statistics_less():
 
 
 def test_a_probe_that_costs_more_than_it_gains_does_not_go_on():
-    """Drafts always accepted, but a one-draft step costs 2.5 plain steps: no streak of probes."""
-    policy = stub_policy(costs={1: {"plain": 1.0, "chain1": 2.5, "chain2": 3.0, "chain3": 3.5}})
+    """Drafts always accepted, but a one-draft step costs 2.5 plain steps: no streak of probes (the
+    three-draft chain could still pay, so probing goes on at all)."""
+    policy = stub_policy(costs={1: {"plain": 1.0, "chain1": 2.5, "chain2": 2.8, "chain3": 3.0}})
     for _ in range(20):
         policy.observe(chain1_record(True), 1)
     assert policy.choose(1).name == "plain"  # accepted, yet not worth it
@@ -264,6 +265,27 @@ def test_a_probe_that_costs_more_than_it_gains_does_not_go_on():
     assert policy.choose(1).name == "chain1"  # the new-text probe
     policy.observe(chain1_record(True), 1)
     assert policy.choose(1).name == "plain"
+
+
+def test_heads_that_cannot_pay_even_when_always_right_are_never_probed():
+    """Each chain of k drafts costs more than k + 1 plain steps over the margin: no probe, not even
+    on new text, and plain decoding throughout."""
+    costs = {1: {"plain": 1.0, "chain1": 2.1, "chain2": 2.9, "chain3": 3.6}}  # the debug model's heads
+    policy = stub_policy(costs=costs)
+    policy.new_text()
+    assert [policy.choose(1).name for _ in range(400)] == ["plain"] * 400
+    policy = stub_policy(costs={1: {**costs[1], "chain3": 3.2}})  # now 4 tokens could pay for 3.2
+    policy.new_text()
+    assert policy.choose(1).name == "chain1"
+
+
+def test_generate_decodes_plainly_without_the_policy_where_no_plan_could_pay():
+    stub = make_stub(1, 4, lambda b, i, t: True, S=160)
+    prompt = stub.seq_BS[0, :3].tolist()
+    policy = stub_policy(costs={1: {"plain": 1.0, "chain1": 2.1, "chain2": 2.9, "chain3": 3.6}})
+    out, plans = plan_sequence(policy, stub, prompt, 50)
+    assert plans == [] and out.tokens == [stub.seq_BS[0, 3:53].tolist()]  # never asked
+    assert set(out.stats.plans) == {"plain"}
 
 
 def test_probes_are_shadow_steps_where_the_batch_allows():
