@@ -84,7 +84,6 @@ VAL_FRACTION = 0.05
 # ---- scoring with a model ---------------------------------------------------------------------------
 
 
-@torch.no_grad()
 class ModelScorer:
     """LabelScorer of a MultiTokenLM and its tokenizer: `<eos> prompt candidate`, scored by head 1."""
 
