@@ -295,10 +295,6 @@ def generate(
         else:
             policy = adaptive_policy(model, B)
             calibration = policy.calibration_seconds
-    if policy is not None and not policy.drafting_could_pay(B):
-        # No plan could beat plain decoding here even if every draft were accepted: decode plainly,
-        # without the policy's work per step.
-        fixed, policy = DraftPlan.chain(0), None
     start_time = time.perf_counter()
     clock = step_clock(device)  # what the step costs were measured with
     generator = None
@@ -309,6 +305,10 @@ def generate(
         else:
             generator.manual_seed(seed)
     n_heads = fixed.n_heads if fixed is not None else draft_depth(model.config) - 1
+    if policy is not None and not policy.drafting_could_pay(B):
+        # No plan could beat plain decoding here even if every draft were accepted: decode plainly,
+        # without the policy's work per step (the stats still name the model's heads, unused).
+        fixed, policy = DraftPlan.chain(0), None
     rows = [RowOutput(max_new_tokens, eos_id, stop_strings, tokenizer, return_logits) for _ in range(B)]
     stats = GenerationStats(
         draft_offsets=list(range(2, n_heads + 2)),
@@ -332,7 +332,7 @@ def generate(
     )
     # Forced drafting fills the cached drafting heads over the prompt at once; the adaptive policy
     # lets them catch up lazily, when (and if) it first drafts.
-    batch.sampling, batch.n_rows, batch.prefill_heads = params, B, fixed is not None and n_heads > 0
+    batch.sampling, batch.n_rows, batch.prefill_heads = params, B, fixed is not None and fixed.n_heads > 0
     batch.track_ranks = policy is not None and policy.trees
     if policy is not None:  # probe by scoring guesses in plain steps where that is exact and cheap
         policy.shadow_probes = batch.shadow_probes_exact(B)
