@@ -24,15 +24,44 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 2048
 
 
+def after_marker(tokens_BT: Tensor, marker_id: int, sep_id: int | None = None) -> Tensor:
+    """Bool (B, T): token t follows a `marker_id` token of its own document (one at s < t with no
+    separator at s+1 .. t-1). A document's end separator counts as following its marker; a window that
+    starts after the marker has nothing marked until the next document's marker.
+
+        last_m(t) = max{s < t : x_s = marker},  last_sep(t) = max{s < t : x_s = sep}  (-1 if none)
+        scored(t) = last_m(t) > last_sep(t)
+    """
+    B, T = tokens_BT.shape
+    index_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
+    none_BT = torch.full_like(index_BT, -1)
+
+    def last_before(hit_BT: Tensor) -> Tensor:
+        last_BT = torch.where(hit_BT, index_BT, none_BT).cummax(dim=1).values  # last hit at s <= t
+        return torch.cat([none_BT[:, :1], last_BT[:, :-1]], dim=1)  # at s < t
+
+    last_sep_BT = last_before(tokens_BT == sep_id) if sep_id is not None else none_BT
+    return last_before(tokens_BT == marker_id) > last_sep_BT
+
+
 def build_targets(
-    tokens_BT: Tensor, offsets: list[int], *, sep_id: int | None = None, pad_id: int | None = None
+    tokens_BT: Tensor,
+    offsets: list[int],
+    *,
+    sep_id: int | None = None,
+    pad_id: int | None = None,
+    loss_after_id: int | None = None,
 ) -> Tensor:
     """Targets of shape (B, T, N): head i's target at position t is tokens[t + offsets[i]].
 
     Positions without a target are IGNORE_INDEX: past the end of the window, padding, and targets
     beyond a document separator (a head may predict the separator itself, never the next document).
+    With `loss_after_id`, only target tokens that follow that marker in their document are kept (e.g.
+    the answer after "="), the same target tokens for every head: head i keeps target t + offsets[i]
+    exactly when `after_marker` holds there, whatever the position t that predicts it.
     """
     B, T = tokens_BT.shape
+    scored_BT = after_marker(tokens_BT, loss_after_id, sep_id) if loss_after_id is not None else None
     targets_BTN = torch.full((B, T, len(offsets)), IGNORE_INDEX, dtype=torch.long, device=tokens_BT.device)
     if sep_id is not None:
         seps_seen_BT = (tokens_BT == sep_id).long().cumsum(dim=1)
@@ -46,6 +75,8 @@ def build_targets(
             target_BT[crosses_BT] = IGNORE_INDEX
         if pad_id is not None:
             target_BT[(target_BT == pad_id) | (tokens_BT[:, : T - k] == pad_id)] = IGNORE_INDEX
+        if scored_BT is not None:
+            target_BT[~scored_BT[:, k:]] = IGNORE_INDEX
         targets_BTN[:, : T - k, i] = target_BT
     return targets_BTN
 
@@ -253,10 +284,14 @@ def head_metrics(
     sep_id: int | None = None,
     pad_id: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    loss_after_id: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-head sums for evaluation: (CE sum, top-1 correct, target count), each shape (N,)."""
+    """Per-head sums for evaluation: (CE sum, top-1 correct, target count), each shape (N,); the
+    targets `build_targets` keeps (with `loss_after_id`, only those after the marker)."""
     config = model.config
-    targets_BTN = build_targets(tokens_BT, config.head_offsets, sep_id=sep_id, pad_id=pad_id)
+    targets_BTN = build_targets(
+        tokens_BT, config.head_offsets, sep_id=sep_id, pad_id=pad_id, loss_after_id=loss_after_id
+    )
     rope = model.rope_context(tokens_BT, None)
     states = model.head_states(model.trunk_forward(tokens_BT, rope), tokens_BT, rope)
     loss_N = torch.zeros(config.n_future, dtype=torch.float64)

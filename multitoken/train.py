@@ -113,6 +113,9 @@ class TrainConfig:
     distill_top_k: int = 0
     """With --distill: soft targets over the full vocabulary (0), or only the base's top-k entries,
     renormalised to sum to 1 (the tail's mass is dropped)."""
+    loss_after: str = ""
+    """Score only the target tokens that follow this text (one token) in their document, e.g. "=" before
+    an answer; every head keeps the same target tokens, and validation scores them alone. Empty: all."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -274,6 +277,7 @@ class Trainer:
         self.train_data = TokenDataset(cfg.data, "train")
         self.val_data = TokenDataset(cfg.data, "val")
         self.tokenizer = self.train_data.tokenizer()
+        self.loss_after_id = self._marker_id(cfg.loss_after)
         self.model_config = cfg.model_config(self.train_data.vocab_size)
         if cfg.init_from is not None:
             self._check_init_tokenizer(ckpt_io.resolve_checkpoint(cfg.init_from))
@@ -439,7 +443,12 @@ class Trainer:
         global_BT = self.train_data.batch_for(
             cfg.seed, self.step, cfg.batch_size, cfg.seq_len, 0, cfg.batch_size
         )
-        targets_BTN = build_targets(global_BT, self.model_config.head_offsets, sep_id=self.train_data.eos_id)
+        targets_BTN = build_targets(
+            global_BT,
+            self.model_config.head_offsets,
+            sep_id=self.train_data.eos_id,
+            loss_after_id=self.loss_after_id,
+        )
         row_counts_BN = (targets_BTN != IGNORE_INDEX).sum(dim=1)
         counts_N = row_counts_BN.sum(dim=0).to(self.device)
         lr = lr_at(self.step, cfg)
@@ -489,6 +498,17 @@ class Trainer:
                 metrics[f"{'distill' if cfg.distill and i > 0 else 'loss'}_head{i + 1}"] = h
         return metrics
 
+    def _marker_id(self, text: str) -> int | None:
+        """The token id of --loss-after's text; None when it is empty."""
+        if not text:
+            return None
+        ids = self.tokenizer.encode(text)
+        if len(ids) != 1:
+            raise UserError(
+                f"--loss-after {text!r} must be one token of the data's tokenizer, got {len(ids)}"
+            )
+        return ids[0]
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
@@ -523,6 +543,7 @@ class Trainer:
                     tokens_BT.to(self.device),
                     sep_id=self.val_data.eos_id,
                     chunk_size=cfg.chunk_size,
+                    loss_after_id=self.loss_after_id,
                 )
             if index < len(windows):
                 sums += torch.stack([loss_N, correct_N.double(), count_N.double()])

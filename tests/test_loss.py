@@ -104,3 +104,51 @@ def test_head_metrics_match_full_logits():
         )
         assert correct_N[i].item() == (logits.argmax(-1) == target).sum().item()
         assert count_N[i].item() == target.numel()
+
+
+def reference_after_marker(tokens: list[int], marker: int, sep: int) -> list[bool]:
+    """Token t is scored iff, walking back from t-1, a marker comes before any separator."""
+    out = []
+    for t in range(len(tokens)):
+        seen = False
+        for s in range(t - 1, -1, -1):
+            if tokens[s] == sep:
+                break
+            if tokens[s] == marker:
+                seen = True
+                break
+        out.append(seen)
+    return out
+
+
+def test_loss_after_a_marker_keeps_the_same_target_tokens_for_every_head():
+    marker, sep = 3, 0
+    gen = torch.Generator().manual_seed(0)
+    tokens_BT = torch.randint(0, 8, (6, 40), generator=gen)  # many markers and separators
+    offsets = [1, 2, 4]
+    plain_BTN = build_targets(tokens_BT, offsets, sep_id=sep)
+    masked_BTN = build_targets(tokens_BT, offsets, sep_id=sep, loss_after_id=marker)
+    for b in range(tokens_BT.shape[0]):
+        scored = reference_after_marker(tokens_BT[b].tolist(), marker, sep)
+        for i, k in enumerate(offsets):
+            for t in range(tokens_BT.shape[1] - k):
+                keep = scored[t + k] and plain_BTN[b, t, i] != IGNORE_INDEX
+                assert masked_BTN[b, t, i] == (plain_BTN[b, t, i] if keep else IGNORE_INDEX)
+    assert (masked_BTN != IGNORE_INDEX).sum() > 20  # the check above saw kept targets too
+
+
+def test_loss_after_a_marker_scores_the_answer_and_its_end():
+    prompt, eq, answer, sep = [10, 11, 12], 3, [20, 21], 0
+    tokens_BT = torch.tensor([[*prompt, eq, *answer, sep, *prompt, eq, answer[0]]])
+    targets_BTN = build_targets(tokens_BT, [1, 2], sep_id=sep, loss_after_id=eq)
+    kept = [[t for t in targets_BTN[0, :, i].tolist() if t != IGNORE_INDEX] for i in range(2)]
+    assert kept == [[20, 21, sep, 20], [20, 21, sep, 20]]
+
+
+def test_head_metrics_count_only_the_marked_targets():
+    model = tiny_model(n_future=2)
+    tokens_BT = torch.randint(8, 97, (2, 16))
+    tokens_BT[:, 5] = 7
+    _, _, count_N = head_metrics(model, tokens_BT, loss_after_id=7)
+    # both heads score the tokens at 6..15: head 1 from positions 5..14, head 2 from 4..13
+    assert count_N.tolist() == [2 * 10, 2 * 10]

@@ -227,3 +227,29 @@ def test_a_head_offset_past_every_window_is_a_user_error(dataset, tmp_path):
     cfg = debug_config(dataset, tmp_path / "run", seq_len=8, model={"n_future": 2, "head_offsets": [1, 16]})
     with pytest.raises(UserError, match="head offset 16 reaches past every window of seq_len=8"):
         Trainer(cfg)
+
+
+def test_loss_after_trains_on_the_marked_targets_only(dataset, tmp_path):
+    import torch
+
+    from multitoken.loss import head_metrics
+
+    cfg = debug_config(dataset, tmp_path / "run", max_steps=1, loss_after=" ")
+    trainer = Trainer(cfg)
+    space = trainer.tokenizer.encode(" ")[0]
+    tokens_BT = trainer.train_data.batch_for(cfg.seed, 0, cfg.batch_size, cfg.seq_len, 0, cfg.batch_size)
+    eos = trainer.train_data.eos_id
+    with torch.no_grad():
+        loss_N, _, count_N = head_metrics(trainer.model, tokens_BT, sep_id=eos, loss_after_id=space)
+        _, _, all_N = head_metrics(trainer.model, tokens_BT, sep_id=eos)
+    assert 0 < count_N[0] < all_N[0]  # the first word of every document is left out
+    metrics = trainer.train_step()
+    expected_N = (loss_N / count_N).tolist()
+    assert [metrics["loss_head1"], metrics["loss_head2"]] == pytest.approx(expected_N, rel=1e-5)
+
+
+def test_loss_after_must_be_one_token(dataset, tmp_path):
+    from multitoken.errors import UserError
+
+    with pytest.raises(UserError, match="must be one token"):
+        Trainer(debug_config(dataset, tmp_path / "run", loss_after="=="))

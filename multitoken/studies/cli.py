@@ -21,7 +21,7 @@ def study_commands() -> list[tuple[tuple[str, ...], Callable[..., Any], dict[str
     from multitoken.studies.paper.bytes_level import BytesOptions, bytes_experiment
     from multitoken.studies.paper.induction import InductionOptions, induction
     from multitoken.studies.paper.nsweep import NsweepOptions, nsweep
-    from multitoken.studies.paper.polynomial import polynomial
+    from multitoken.studies.paper.polynomial import PolynomialOptions, polynomial
     from multitoken.studies.scaling.from_csv import ScalingFitOptions, scaling_fit
     from multitoken.studies.scaling.grid import ScalingRunOptions, scaling_run_cli
 
@@ -29,7 +29,7 @@ def study_commands() -> list[tuple[tuple[str, ...], Callable[..., Any], dict[str
         (("experiment", "bytes"), bytes_experiment, {"config_cls": BytesOptions}),
         (("experiment", "induction"), induction, {"config_cls": InductionOptions}),
         (("experiment", "nsweep"), nsweep, {"config_cls": NsweepOptions}),
-        (("experiment", "polynomial"), polynomial, {}),
+        (("experiment", "polynomial"), polynomial, {"config_cls": PolynomialOptions}),
         (("lab", "tasks"), tasks_cli, {"config_cls": TasksOptions}),
         (("lab", "surprisal"), surprisal_cli, {"config_cls": SurprisalOptions}),
         (("lab", "induction-heads"), induction_heads_cli, {"config_cls": InductionHeadsOptions}),

@@ -6,6 +6,10 @@ digits, e.g. 3 + x^2 is "30100". Expressions:
     expr := poly | "-" expr | "(" expr op expr ")"      op: "+" add, "*" multiply, "o" compose
 
 `p o q` is p(q(X)) mod X^5. A training document is `expr=answer`, e.g. "(30100*01000)=03010".
+
+The "tagged" encoding spells the coefficient c of X^d with a character of its own per degree,
+TAGGED[d][c] (one byte each, none an operator), so a model can match coefficients of equal degree by
+content instead of by counting positions: 3 + x^2 is "3aipA".
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ OPS = ("neg", "+", "*", "o")
 """Operations: negation, addition, multiplication, composition."""
 
 Poly = tuple[int, ...]
+
+TAGGED = ("0123456", "abcdefg", "hijklmn", "pqrstuv", "ABCDEFG")
+"""Tagged encoding: TAGGED[d][c] is coefficient c of X^d ("o", the compose operator, is skipped)."""
+ENCODINGS = ("digits", "tagged")
+"""How coefficients are spelled: plain digits, or tagged with their degree."""
 
 
 def poly(*coefficients: int) -> Poly:
@@ -60,7 +69,10 @@ def compose(p: Poly, q: Poly) -> Poly:
     return out
 
 
-def to_text(p: Poly) -> str:
+def to_text(p: Poly, encoding: str = "digits") -> str:
+    """The coefficients, constant first: digits "30100", or tagged "3aipA"."""
+    if encoding == "tagged":
+        return "".join(TAGGED[d][c] for d, c in enumerate(p))
     return "".join(str(c) for c in p)
 
 
@@ -91,12 +103,12 @@ class Expr:
             return 0
         return 1 + self.left.n_ops() + (self.right.n_ops() if self.right is not None else 0)
 
-    def text(self) -> str:
+    def text(self, encoding: str = "digits") -> str:
         if self.op == "lit":
-            return to_text(self.value)
+            return to_text(self.value, encoding)
         if self.op == "neg":
-            return "-" + self.left.text()
-        return f"({self.left.text()}{self.op}{self.right.text()})"
+            return "-" + self.left.text(encoding)
+        return f"({self.left.text(encoding)}{self.op}{self.right.text(encoding)})"
 
 
 def random_poly(rng: random.Random) -> Poly:
@@ -115,35 +127,38 @@ def random_expr(rng: random.Random, n_ops: int) -> Expr:
     return Expr(op, left=random_expr(rng, left_ops), right=random_expr(rng, n_ops - 1 - left_ops))
 
 
-def parse(text: str) -> Expr:
-    """The expression `text` spells; ValueError on anything else."""
-    expr, end = _parse_at(text, 0)
+def parse(text: str, encoding: str = "digits") -> Expr:
+    """The expression `text` spells in `encoding`; ValueError on anything else."""
+    alphabets = TAGGED if encoding == "tagged" else ("0123456",) * DEGREE
+    expr, end = _parse_at(text, 0, alphabets)
     if end != len(text):
         raise ValueError(f"unexpected {text[end:]!r} at position {end}")
     return expr
 
 
-def _parse_at(text: str, i: int) -> tuple[Expr, int]:
+def _parse_at(text: str, i: int, alphabets: tuple[str, ...]) -> tuple[Expr, int]:
     if i >= len(text):
         raise ValueError("unexpected end of expression")
     if text[i] == "-":
-        inner, i = _parse_at(text, i + 1)
+        inner, i = _parse_at(text, i + 1, alphabets)
         return Expr("neg", left=inner), i
     if text[i] == "(":
-        left, i = _parse_at(text, i + 1)
+        left, i = _parse_at(text, i + 1, alphabets)
         if i >= len(text) or text[i] not in "+*o":
             raise ValueError(f"expected an operator at position {i}")
         op = text[i]
-        right, i = _parse_at(text, i + 1)
+        right, i = _parse_at(text, i + 1, alphabets)
         if i >= len(text) or text[i] != ")":
             raise ValueError(f"expected ')' at position {i}")
         return Expr(op, left=left, right=right), i + 1
-    digits = text[i : i + DEGREE]
-    if len(digits) != DEGREE or any(c not in "0123456" for c in digits):
-        raise ValueError(f"expected {DEGREE} digits 0-{P - 1} at position {i}")
-    return Expr("lit", value=tuple(int(c) for c in digits)), i + DEGREE
+    chars = text[i : i + DEGREE]
+    if len(chars) != DEGREE or any(
+        ch not in alphabet for ch, alphabet in zip(chars, alphabets, strict=False)
+    ):
+        raise ValueError(f"expected {DEGREE} coefficients 0-{P - 1} at position {i}")
+    return Expr("lit", value=tuple(a.index(ch) for ch, a in zip(chars, alphabets, strict=True))), i + DEGREE
 
 
-def problem_text(expr: Expr) -> tuple[str, str]:
-    """(prompt, answer): "expr=" and the canonical text of its value."""
-    return expr.text() + "=", to_text(expr.evaluate())
+def problem_text(expr: Expr, encoding: str = "digits") -> tuple[str, str]:
+    """(prompt, answer): "expr=" and the text of its value, in `encoding`."""
+    return expr.text(encoding) + "=", to_text(expr.evaluate(), encoding)

@@ -116,10 +116,8 @@ def run_choice_points(options: study.LabOptions, quantiles: tuple[float, float])
     # "trunk output" is a computed state and not the embeddings.
     fields = {"n_future": n, "n_layers": max(n + 2, options.sizes.model.get("n_layers", n))}
     runs, data = study.lab_runs(options, study.ENGLISH_SOURCE, extra_runs={f"n={n}": fields})
-    if any(run.config.n_future < 2 for run in runs):
-        raise UserError(
-            "choice-points compares next-token and multi-token losses: give a model with n_future >= 2"
-        )
+    # A next-token checkpoint (n=1) is measured too: its "1-token" columns are its next-token ones, the
+    # baseline for the next-token shares of a multi-head model.
     device = study.pick_device(options.device)
     seq_len = min(options.sizes.seq_len, *(run.config.max_seq_len for run in runs))
     stream_S, dataset = scoring.val_stream(data, options.sizes.eval_windows * seq_len)
@@ -180,6 +178,13 @@ def _answer(results: dict) -> str:
     parts = []
     for label, r in results.items():
         n, k = r["n_heads"], "choice points"
+        if n == 1:
+            parts.append(
+                f"{label}: choice points are {100 * r['positions'][k]:.1f}% of positions and carry "
+                f"{100 * r['loss next-token'][k]:.1f}% of the next-token loss "
+                f"({100 * r['gradient next-token'][k]:.1f}% of the gradient at the trunk output)"
+            )
+            continue
         parts.append(
             f"{label}: choice points are {100 * r['positions'][k]:.1f}% of positions and carry "
             f"{100 * r['loss next-token'][k]:.1f}% of the next-token loss but {100 * r[f'loss {n}-token'][k]:.1f}% "
@@ -216,7 +221,8 @@ class ChoicePointsOptions(study.LabOptions):
 def choice_points_cli(options: ChoicePointsOptions) -> None:
     """Choice points (paper §5.1): the share of next-token vs n-token loss and gradient they carry.
 
-    Trains an n-head model unless --checkpoint is given (any model with parallel heads and n >= 2),
+    Trains an n-head model unless --checkpoint is given (any model with parallel heads; with n=1 only the
+    next-token shares mean anything),
     marks choice points from its next-token entropy, and writes report.md, results.json and a plot.
     The default corpus is pydoc-english.
     """

@@ -7,6 +7,7 @@ operations, so 6-10 are out of distribution.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 
 from multitoken.checkpoint import load_model
 from multitoken.data.shards import PrepareConfig, prepare
+from multitoken.errors import UserError
 from multitoken.generate import generate
 from multitoken.studies.corpora import poly_ring
 from multitoken.studies.report import Report
@@ -25,6 +27,7 @@ from multitoken.studies.runs import (
     pick_scale,
     print_table,
     resolve_device,
+    train_variant,
 )
 from multitoken.tokenizer import byte_tokenizer
 
@@ -34,6 +37,8 @@ TEST_OPS = (1, 10)
 """Operation counts tested (inclusive); above TRAIN_OPS[1] is out of distribution."""
 N_FUTURE = (1, 2, 4)
 """Heads compared."""
+LOSS_AFTER = {"all": "", "answers": "="}
+"""--loss -> TrainConfig.loss_after: every target, or only those after the "=" of each problem."""
 
 
 @dataclass(kw_only=True)
@@ -46,6 +51,10 @@ class PolynomialScale(ModelBudget):
     """Test problems per operation count."""
     big_dim: int = 0
     """Width of an extra n=1 model with about 3x the parameters (0: none); the paper's "tripling model size"."""
+    loss: str = "all"
+    """Default targets of the loss: all (every byte) or answers (the answer after "=" and its end)."""
+    encoding: str = "digits"
+    """Default spelling of the coefficients (poly_ring.ENCODINGS): digits, or tagged with their degree."""
 
 
 SCALES = {
@@ -53,6 +62,8 @@ SCALES = {
                              n_train=1500, n_test=4, big_dim=64),
     "small": PolynomialScale(dim=128, n_layers=4, n_heads=4, max_steps=800, batch_size=32, seq_len=128,
                              n_train=100_000, n_test=100),
+    "cpu": PolynomialScale(dim=128, n_layers=6, n_heads=4, max_steps=3000, batch_size=16, seq_len=128,
+                           n_train=200_000, n_test=200, big_dim=224, loss="answers"),
     "medium": PolynomialScale(dim=384, n_layers=8, n_heads=6, max_steps=10_000, batch_size=64, seq_len=256,
                               n_train=1_000_000, n_test=500, lr=1e-3, big_dim=640),
     "large": PolynomialScale(dim=768, n_layers=12, n_heads=12, max_steps=30_000, batch_size=128,
@@ -60,21 +71,26 @@ SCALES = {
 }  # fmt: skip
 
 
-def make_problems(seed: int, n: int, ops: tuple[int, int], exclude: set[str] = frozenset()) -> list[str]:
-    """`n` documents "expr=answer" with an operation count uniform in `ops`, skipping prompts in `exclude`."""
+def make_problems(
+    seed: int, n: int, ops: tuple[int, int], exclude: set[str] = frozenset(), encoding: str = "digits"
+) -> list[str]:
+    """`n` documents "expr=answer" with an operation count uniform in `ops`, skipping prompts in `exclude`;
+    coefficients spelled in `encoding` (the same expressions whatever the encoding)."""
     rng = random.Random(seed)
     docs: list[str] = []
     while len(docs) < n:
-        prompt, answer = poly_ring.problem_text(poly_ring.random_expr(rng, rng.randint(*ops)))
+        prompt, answer = poly_ring.problem_text(poly_ring.random_expr(rng, rng.randint(*ops)), encoding)
         if prompt not in exclude:
             docs.append(prompt + answer)
     return docs
 
 
-def test_sets(seed: int, n_test: int, train_prompts: set[str]) -> dict[int, list[str]]:
+def test_sets(
+    seed: int, n_test: int, train_prompts: set[str], encoding: str = "digits"
+) -> dict[int, list[str]]:
     """Per operation count, `n_test` documents whose prompt is not a training prompt."""
     return {
-        k: make_problems(seed * 1000 + k, n_test, (k, k), train_prompts)
+        k: make_problems(seed * 1000 + k, n_test, (k, k), train_prompts, encoding)
         for k in range(TEST_OPS[0], TEST_OPS[1] + 1)
     }
 
@@ -122,25 +138,48 @@ def variants(preset: PolynomialScale) -> dict[str, tuple[int, dict]]:
     return out
 
 
-def polynomial(
-    out: str = "reports/polynomial", scale: str = "small", seed: int = 0, device: str = "auto"
-) -> dict:
+@dataclass
+class PolynomialOptions:
+    """Flags of `multitoken experiment polynomial`."""
+
+    out: str = "reports/polynomial"
+    """Report directory; training runs go under OUT/runs/nN and are reused when complete."""
+    scale: str = "small"
+    """debug (seconds), small (a CPU, ~30 min), cpu (one CPU core, ~1 hour, answer-only loss, with the
+    3x n=1 model), medium or large (GPU; these add an n=1 model with about 3x the parameters)."""
+    seed: int = 0
+    """Seed of the data and of every model's initialisation."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    loss: str = "scale"
+    """Which targets train every head: all (every byte, a plain language-model loss), answers (only the
+    answer after "=" and its end), or scale (the scale's choice: answers at cpu, all elsewhere)."""
+    encoding: str = "scale"
+    """How coefficients are spelled: digits ("30100" is 3 + x^2), tagged (one character per degree and
+    value, "3aipA", so equal degrees match by content), or scale (digits at every scale)."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("scale", *LOSS_AFTER):
+            raise UserError(f"unknown loss {self.loss!r}; choose one of scale, {', '.join(LOSS_AFTER)}")
+        if self.encoding not in ("scale", *poly_ring.ENCODINGS):
+            raise UserError(
+                f"unknown encoding {self.encoding!r}; choose one of scale, {', '.join(poly_ring.ENCODINGS)}"
+            )
+
+
+def polynomial(options: PolynomialOptions) -> dict:
     """Polynomial arithmetic in F7[X]/(X^5): exact match vs number of operations for n = 1, 2, 4 heads.
 
     Trains on expressions of 1-5 operations (negation, addition, multiplication, composition) and tests
     greedy exact match on 1-10, so 6-10 measure out-of-distribution generalisation (paper §4.2).
-
-    Args:
-        out: report directory; training runs go under OUT/runs/nN and are reused when complete.
-        scale: debug (seconds), small (a CPU, ~30 min), medium or large (GPU; these add an n=1 model with
-            about 3x the parameters).
-        seed: seed of the data and of every model's initialisation.
-        device: cpu, cuda, cuda:N or auto.
     """
+    out, scale, seed, device = options.out, options.scale, options.seed, options.device
     preset = pick_scale(scale, SCALES)
+    loss = preset.loss if options.loss == "scale" else options.loss
+    encoding = preset.encoding if options.encoding == "scale" else options.encoding
     device = resolve_device(device)
     root = Path(out)
-    train_docs = make_problems(seed, preset.n_train, TRAIN_OPS)
+    train_docs = make_problems(seed, preset.n_train, TRAIN_OPS, encoding=encoding)
     data = prepare(
         PrepareConfig(
             source=str(write_corpus(root / "corpus", train_docs)),
@@ -150,16 +189,21 @@ def polynomial(
             seed=seed,
         )
     )
-    tests = test_sets(seed + 1, preset.n_test, {doc.split("=")[0] + "=" for doc in train_docs})
+    tests = test_sets(seed + 1, preset.n_test, {doc.split("=")[0] + "=" for doc in train_docs}, encoding)
     results: dict[str, dict] = {}
     for name, (n, fields) in variants(preset).items():
-        run_dir = preset.train(
-            data=data,
-            out=root / "runs" / name,
-            model=fields,
-            seed=seed,
-            device=device,
-            progress=scale != "debug",
+        run_dir = train_variant(
+            dataclasses.replace(
+                preset.train_config(
+                    data=data,
+                    out=root / "runs" / name,
+                    model=fields,
+                    seed=seed,
+                    device=device,
+                    progress=scale != "debug",
+                ),
+                loss_after=LOSS_AFTER[loss],
+            )
         )
         model = load_model(run_dir, device)
         scores = {k: answer_scores(model, docs) for k, docs in tests.items()}
@@ -181,11 +225,13 @@ def polynomial(
         }
         print(f"{name}: exact match {100 * results[name]['exact_match_in_distribution']:.1f}% in distribution",
               flush=True)  # fmt: skip
-    _write_report(root, scale, preset, results)
+    _write_report(root, scale, preset, results, loss, encoding)
     return results
 
 
-def _write_report(root: Path, scale: str, preset: PolynomialScale, results: dict[str, dict]) -> None:
+def _write_report(
+    root: Path, scale: str, preset: PolynomialScale, results: dict[str, dict], loss: str, encoding: str
+) -> None:
     report = Report(
         root,
         title="Polynomial arithmetic in F7[X]/(X^5)",
@@ -232,14 +278,17 @@ def _write_report(root: Path, scale: str, preset: PolynomialScale, results: dict
         f"({preset.n_test} test problems per operation count; the paper reports MTP helping more than "
         "tripling the model size.)"
     )
-    report.write(
-        answer,
-        results,
-        details={
-            "scale": scale,
-            "model": f"dim {preset.dim}, {preset.n_layers} blocks, {preset.n_heads} heads, byte tokens",
-            "training": f"{preset.max_steps} steps x {preset.batch_size} x {preset.seq_len} tokens, "
-            f"{preset.n_train} problems of {TRAIN_OPS[0]}-{TRAIN_OPS[1]} operations",
-        },
-    )
+    details = {
+        "scale": scale,
+        "model": f"dim {preset.dim}, {preset.n_layers} blocks, {preset.n_heads} heads, byte tokens",
+        "training": f"{preset.max_steps} steps x {preset.batch_size} x {preset.seq_len} tokens, "
+        f"{preset.n_train} problems of {TRAIN_OPS[0]}-{TRAIN_OPS[1]} operations",
+    }
+    if loss != "all":  # the plain runs' details stay as they were (tests/pins)
+        details["loss"] = "every head on the answer after '=' (and its end) only"
+    if encoding != "digits":
+        details["encoding"] = (
+            f"{encoding} coefficients ({poly_ring.to_text(poly_ring.poly(3, 0, 1), encoding)} is 3 + x^2)"
+        )
+    report.write(answer, results, details=details)
     print_table("polynomial: exact match", header, rows)

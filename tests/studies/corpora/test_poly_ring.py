@@ -78,3 +78,28 @@ def test_problem_text_and_parse_errors():
     for bad in ("(11000*11000", "1100", "(11000?11000)", "11000)", "17000"):
         with pytest.raises(ValueError):
             pr.parse(bad)
+
+
+@pytest.mark.parametrize("n_ops", [0, 2, 6])
+def test_tagged_encoding_spells_the_same_expressions(n_ops):
+    rng = random.Random(100 + n_ops)
+    for _ in range(30):
+        expr = pr.random_expr(rng, n_ops)
+        tagged = expr.text("tagged")
+        assert len(tagged) == len(expr.text())
+        # the same expression, value and answer; each coefficient's character names its degree
+        assert pr.parse(tagged, "tagged") == expr
+        prompt, answer = pr.problem_text(expr, "tagged")
+        assert prompt == tagged + "="
+        assert answer == pr.to_text(expr.evaluate(), "tagged")
+        for d, ch in enumerate(answer):
+            assert pr.TAGGED[d].index(ch) == expr.evaluate()[d]
+
+
+def test_tagged_alphabets_are_distinct_and_no_operator():
+    chars = "".join(pr.TAGGED)
+    assert len(set(chars)) == pr.P * pr.DEGREE and not set(chars) & set("()+*o-=")
+    assert pr.to_text(poly(3, 0, 1), "tagged") == "3aipA"
+    for bad in ("3aipA0", "30100", "a3hpA"):  # wrong length, plain digits, degrees out of place
+        with pytest.raises(ValueError):
+            pr.parse(bad, "tagged")

@@ -54,6 +54,17 @@ def test_losses_and_gradients_match_autograd_through_the_whole_model():
     assert torch.allclose(gradn_BT, gn_BTD.norm(dim=-1), atol=1e-5)
 
 
+def test_a_next_token_model_is_measured_as_its_own_baseline():
+    torch.manual_seed(0)
+    model = MultiTokenLM(
+        ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, n_future=1, max_seq_len=32)
+    )
+    r = cp.measure(model, torch.randint(0, 50, (4, 16)), sep_id=None, quantiles=(0.5, 0.8))
+    # every position whose next token and the one after have targets: 14 of 16 per window
+    assert r["n_heads"] == 1 and sum(r["counts"].values()) == 4 * 14
+    assert r["loss 1-token"] == r["loss next-token"] and r["gradient 1-token"] == r["gradient next-token"]
+
+
 def test_debug_run_writes_report(tmp_path):
     out = tmp_path / "cp"
     argv = ["lab", "choice-points", "--scale", "debug", "--out", str(out), "--device", "cpu", "--no-progress",

@@ -44,6 +44,8 @@ def test_debug_run_writes_report(name, tmp_path, capsys):
     "argv, message",
     [
         (["experiment", "polynomial", "--scale", "huge"], "unknown scale 'huge'"),
+        (["experiment", "polynomial", "--loss", "bytes"], "unknown loss 'bytes'"),
+        (["experiment", "polynomial", "--encoding", "words"], "unknown encoding 'words'"),
         (
             ["experiment", "induction", "--scale", "debug", "--corpus", "nowhere", "--names", "nofile"],
             "nofile",
