@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(MT) prepare --source $(DEMO_RUN)/self.jsonl:text --tokenizer $(DEMO_RUN) --out $(DEMO_RUN)/self-data
 	rm -rf $(DEMO_HEADS)
 	$(MT) train --init-from $(DEMO_RUN) --train heads --data $(DEMO_RUN)/self-data --seq-len 128 --batch-size 8 \
-		--max-steps 300 --warmup-steps 10 --lr 3e-3 --val-every 300 --save-every 300 --out $(DEMO_HEADS)
+		--max-steps 600 --warmup-steps 10 --lr 3e-3 --val-every 600 --save-every 600 --out $(DEMO_HEADS)
 	$(MT) generate --checkpoint $(DEMO_HEADS) --prompts-from-data $(DEMO_DATA) --n-prompts 10 --max-new-tokens 128 \
 		--stats --compare-plain
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from multitoken.cpu_linear import pack_linears, unpack_linears
 from multitoken.draft_tree import (
     TreeTensors,
     accept_tree_greedy,
@@ -147,6 +148,11 @@ class DecodeBatch:
         self.compiled = compile
         self.forward, self.forward_tree = _compiled_steps(self.device.type) if compile else _EAGER_STEPS
         model.setup_caches(capacity, cache_len, extra_slots=extra_slots)
+        # On a CPU, blocks of many rows take oneDNN where MKL is slow; the unembedding is routed a step
+        # at a time (`route_unembedding`). Compiled passes leave it to inductor.
+        self.packs_linears = self.device.type == "cpu" and not compile
+        max_rows = capacity * (1 + max(self.n_heads, extra_slots))
+        self.routed_linears = pack_linears(model, max_rows) if self.packs_linears else []
         self.n_rows = 0
         """Rows in use, for the caller's bookkeeping (a step's rows are those its budget covers)."""
         B, S, dev = capacity, cache_len + extra_slots, self.device
@@ -177,8 +183,16 @@ class DecodeBatch:
         return [m for mod in (*model.trunk, model.heads[0]) for m in mod.modules() if hasattr(m, "kv_cache")]
 
     def close(self) -> None:
-        """Free the KV caches."""
+        """Free the KV caches, and the packed weights of `pack_linears`."""
         self.model.clear_caches()
+        if self.packs_linears:
+            unpack_linears(self.model)
+
+    def route_unembedding(self, rows: int) -> None:
+        """Send a step's unembeddings, drafts included, through oneDNN when it verifies 2 rows or more,
+        else through MKL (one copy of the weight stays in the cache; see `multitoken.cpu_linear`)."""
+        for forward in self.routed_linears:
+            forward.route(rows >= 2)
 
     def keep_rows(self, keep: Sequence[int]) -> None:
         """Keep only the rows `keep`, in that order, as rows 0 .. len(keep) - 1 (their caches move too).
@@ -341,6 +355,7 @@ def prefill(
     starts = list(start) if start is not None else [0] * B
     lengths = [len(c) for c in chunks]
     longest = max(lengths)
+    batch.route_unembedding(B * longest)
     tokens_BT = torch.zeros(B, longest, dtype=torch.long, device=dev)
     for b, chunk in enumerate(chunks):
         tokens_BT[b, : lengths[b]] = torch.tensor(list(chunk), dtype=torch.long)
@@ -495,6 +510,7 @@ def decode_step(
     A row with budget 0 (finished, or waiting) is fed to the spare slot and left unchanged. Every step
     makes one device-to-host copy.
     """
+    batch.route_unembedding(len(budget) * plan.block)
     if plan.tree is not None:
         return _tree_step(batch, plan, budget, keep_logits)
     n, dev, model, k = len(budget), batch.device, batch.model, plan.n_drafts

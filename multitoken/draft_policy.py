@@ -73,8 +73,10 @@ TREE_SIZES = (4, 8, 16)
 """Non-root nodes of the sparse trees considered."""
 OBSERVED_WINDOW = 32
 """Measured steps kept per plan and batch size."""
-OBSERVED_MIN = 4
-"""Measured steps of a plan (and of the plain step) before they replace its calibrated cost."""
+OBSERVED_MIN = 8
+"""Measured steps of a plan (and of the plain step) before they replace its calibrated cost: on a
+busy CPU one step's time varies by half of itself, so a median of fewer misleads more than the
+calibration. A plan's first step at each batch size (kernels warming up to a new shape) is not kept."""
 COST_REFRESH_STEPS = 16
 """Timed steps between re-readings of the measured costs."""
 TREE_REFRESH_STEPS = 16
@@ -351,9 +353,10 @@ class DraftPolicy:
         """
         if seconds is not None:
             key = (record.plan.name, batch_size)
-            if key not in self.observed:
+            if key not in self.observed:  # a plan's first step at a batch size warms up its kernels
                 self.observed[key] = deque(maxlen=OBSERVED_WINDOW)
-            self.observed[key].append(seconds)
+            else:
+                self.observed[key].append(seconds)
             self._timed_steps += 1
             if self._timed_steps % COST_REFRESH_STEPS == 0:  # costs are re-read now and then
                 self._seconds_cache.clear()

@@ -9,7 +9,7 @@ from test_generate import PROMPTS, agreeing_model
 from test_speculative import PARAMS, chi2_pvalue, exact_laws, make_stub, peaky, sample_counts
 
 from multitoken.decoding import DraftPlan, StepRecord
-from multitoken.draft_policy import DraftPolicy, expected_chain_tokens, expected_tree_tokens
+from multitoken.draft_policy import OBSERVED_MIN, DraftPolicy, expected_chain_tokens, expected_tree_tokens
 from multitoken.draft_tree import DraftTree
 from multitoken.generate import generate, shared_policy
 from multitoken.step_costs import StepCosts, step_clock
@@ -154,9 +154,13 @@ def test_measured_steps_replace_the_calibrated_costs():
     record = StepRecord(DraftPlan.chain(1), [[1, 2]], [1], reached_J=[1], accepted_J=[1], proposed_J=[1])
     plain = StepRecord(DraftPlan.chain(0), [[1]], [0])
     assert policy.step_seconds("chain1", 1) == 1.1  # calibrated, until enough steps are timed
-    for _ in range(8):
+    policy.observe(plain, 1, 0.002)
+    policy.observe(record, 1, 1.0)  # a plan's first step warms its kernels up: not kept
+    for _ in range(OBSERVED_MIN):
         policy.observe(plain, 1, 0.002)
+        assert policy.step_seconds("chain1", 1) == 1.1
         policy.observe(record, 1, 0.006)  # chain1 really costs 3x a plain step here
+    policy._seconds_cache.clear()
     assert policy.step_seconds("chain1", 1) == pytest.approx(3.0)
     assert policy.step_seconds("chain1", 8) is None  # other batch sizes keep their own figures
 
