@@ -199,21 +199,23 @@ class DecodeBatch:
 
         The rows after them are free for new rows (`prefill` with first_row = len(keep)).
         """
-        index_K = torch.tensor(list(keep), dtype=torch.long, device=self.device)
         n = len(keep)
+        moved = [i for i in range(n) if keep[i] != i]  # rows already in place are not copied
+        to_M = torch.tensor(moved, dtype=torch.long, device=self.device)
+        from_M = torch.tensor([keep[i] for i in moved], dtype=torch.long, device=self.device)
         for attn in self.model.attention_modules():
             cache = attn.kv_cache
-            cache.k_cache_BSKE[:n] = cache.k_cache_BSKE[index_K]
-            cache.v_cache_BSKE[:n] = cache.v_cache_BSKE[index_K]
+            cache.k_cache_BSKE[to_M] = cache.k_cache_BSKE[from_M]
+            cache.v_cache_BSKE[to_M] = cache.v_cache_BSKE[from_M]
         for name in ("next_B", "pos_B", "tok_hist_BS", "h_hist_BSD", "h_last_BD", "synced_BJ"):
             tensor = getattr(self, name)
             if tensor is not None:
-                tensor[:n] = tensor[index_K]
+                tensor[to_M] = tensor[from_M]
         self.pos[:n] = [self.pos[i] for i in keep]
         self.synced[:n] = [list(self.synced[i]) for i in keep]
         if isinstance(self.sampling, RowSampling):
             for tensor in (self.sampling.temperature_B, self.sampling.top_k_B, self.sampling.top_p_B):
-                tensor[:n] = tensor[index_K]
+                tensor[to_M] = tensor[from_M]
         self.row_greedy[:n] = [self.row_greedy[i] for i in keep]
         self.n_rows = n
 

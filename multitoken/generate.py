@@ -30,7 +30,7 @@ from multitoken.errors import UserError
 from multitoken.row_output import RowOutput
 from multitoken.sampling import SamplingParams
 from multitoken.speculative import draft_depth
-from multitoken.step_costs import StepCosts, step_clock
+from multitoken.step_costs import StepCosts, batch_bucket, step_clock
 
 SPECULATIVE_HINT = "this model has one head; use --no-speculative or train with --n-future > 1"
 
@@ -205,13 +205,18 @@ def adaptive_policy(model, batch_size: int, costs: StepCosts | None = None) -> D
 
 
 def calibrate_for(policy: DraftPolicy, model, batch_size: int) -> float:
-    """Measure (and cache) the policy's step costs at this batch size if they are unknown; the seconds spent."""
+    """Measure (and cache) the policy's step costs at this batch size and every smaller batch bucket
+    (a batch shrinks as its rows finish) where they are unknown; the seconds spent."""
     plans = policy.candidate_plans()
-    if policy.costs.knows([p.name for p in plans], batch_size):
-        return 0.0
+    names = [p.name for p in plans]
     cache_len = min(CALIBRATION_CACHE_LEN, model.config.max_seq_len)
-    seconds = policy.costs.calibrate(model, batch_size, plans, cache_len)
-    policy.costs.save(model)
+    seconds, bucket = 0.0, batch_bucket(batch_size)
+    while bucket >= 1:
+        if not policy.costs.knows(names, bucket):
+            seconds += policy.costs.calibrate(model, bucket, plans, cache_len)
+        bucket //= 2
+    if seconds:
+        policy.costs.save(model)
     return seconds
 
 
@@ -340,14 +345,15 @@ def generate(
         if max_new_tokens > 0:
             _emit(rows, prefill(batch, prompt_ids, keep_logits=return_logits), on_tokens)
             stats.forward_passes, stats.row_forwards = 1, B
-        while not all(row.done for row in rows):
-            budget = [row.budget for row in rows]
-            plan = fixed if fixed is not None else policy.choose(B)
+        live = _still_running(batch, rows, list(range(B)))  # batch row i decodes rows[live[i]]
+        while live:
+            budget = [rows[r].budget for r in live]
+            plan = fixed if fixed is not None else policy.choose(len(live))
             step_start = clock()
             record = decode_step(batch, plan, budget, keep_logits=return_logits)
             if policy is not None:
                 # Timings steer the plans; with a seed the plans must not depend on them.
-                policy.observe(record, B, clock() - step_start if seed is None else None)
+                policy.observe(record, len(live), clock() - step_start if seed is None else None)
             plans[plan.name] += 1
             stats.forward_passes += 1
             stats.row_forwards += sum(r > 0 for r in budget)
@@ -355,7 +361,8 @@ def generate(
                 stats.drafts_proposed[j] += record.proposed_J[j]
                 stats.drafts_reached[j] += record.reached_J[j]
                 stats.drafts_accepted[j] += record.accepted_J[j]
-            _emit(rows, record, on_tokens)
+            _emit(rows, record, on_tokens, live)
+            live = _still_running(batch, rows, live)
     finally:
         batch.close()
 
@@ -376,15 +383,36 @@ def generate(
     return GenerationResult(tokens, [row.reason for row in rows], stats, text, logits)
 
 
-def _emit(rows: list[RowOutput], record: StepRecord, on_tokens) -> None:
-    """Hand a step's committed tokens to each row, and stream what the rows keep."""
+def _emit(rows: list[RowOutput], record: StepRecord, on_tokens, live: Sequence[int] | None = None) -> None:
+    """Hand a step's committed tokens to each row (batch row b decodes rows[live[b]]), and stream what
+    the rows keep."""
     for b, new in enumerate(record.tokens):
-        if not new or rows[b].done:
+        row = live[b] if live is not None else b
+        if not new or rows[row].done:
             continue
         logits_TV = record.logits_BTV[b] if record.logits_BTV is not None else None
-        kept = rows[b].add(new, logits_TV)
+        kept = rows[row].add(new, logits_TV)
         if on_tokens is not None and kept:
-            on_tokens(b, kept)
+            on_tokens(row, kept)
+
+
+def _still_running(batch: DecodeBatch, rows: list[RowOutput], live: list[int]) -> list[int]:
+    """The rows of `live` not yet done, the done ones dropped from the batch.
+
+    A step costs what its batch rows cost, done or not, and a static batch runs until its slowest row
+    is done: with drafting, the least predictable rows finish long after the rest, and would decode at
+    the whole batch's price. The last running rows fill the holes, so each leaving row moves one row's
+    caches at most. Compiled steps keep their batch (static shapes), until every row is done.
+    """
+    done = {i for i, r in enumerate(live) if rows[r].done}
+    if not done or (batch.compiled and len(done) < len(live)):
+        return live
+    n = len(live) - len(done)
+    movers = iter(i for i in range(n, len(live)) if i not in done)  # running rows past the new end
+    keep = [next(movers) if i in done else i for i in range(n)]
+    if n:
+        batch.keep_rows(keep)
+    return [live[i] for i in keep]
 
 
 def merge_stats(parts: Sequence[GenerationStats]) -> GenerationStats:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import multitoken.generate_cli as generate_cli_module
+from multitoken.decoding import DecodeBatch
 from multitoken.errors import UserError
 from multitoken.generate import generate
 from multitoken.generate_cli import generate_cli
@@ -115,6 +116,28 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.mark.parametrize("style", ["linear", "transformer"])
+def test_rows_that_finish_leave_the_batch_and_the_rest_decode_as_alone(style, monkeypatch):
+    """Rows ended by a stop string are dropped from the batch (caches moved) once half are done; every
+    row's output is still what decoding it alone gives, plainly or speculatively."""
+    model, tok = agreeing_model(style, 4), CharTokenizer()
+    prompts = [[1 + (3 * b + i) % 40 for i in range(2 + b % 3)] for b in range(8)]
+    alone = [generate(model, [p], 24, speculative=False).tokens[0] for p in prompts]
+    stops = [tok.decode(row[3:5]) for row in alone[:6]]  # six rows end early, two may run on
+    alone = [generate(model, [p], 24, speculative=False, stop_strings=stops, tokenizer=tok) for p in prompts]
+    assert sum(row.finish_reasons[0] == "stop" for row in alone) >= 6
+    kept = []
+    keep_rows = DecodeBatch.keep_rows
+    monkeypatch.setattr(
+        DecodeBatch, "keep_rows", lambda self, keep: (kept.append(keep), keep_rows(self, keep))
+    )
+    for speculative in (False, True, None):
+        out = generate(model, prompts, 24, speculative=speculative, stop_strings=stops, tokenizer=tok)
+        assert out.tokens == [row.tokens[0] for row in alone]
+        assert out.finish_reasons == [row.finish_reasons[0] for row in alone]
+    assert kept  # rows did leave the batch
 
 
 def test_stop_strings_and_streaming():

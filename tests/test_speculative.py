@@ -46,17 +46,23 @@ class OracleStub(nn.Module):
         self.right_BNS[:, 0] = True
 
     def setup_caches(self, batch_size, max_seq_len=None, dtype=None, extra_slots=0):
-        pass
+        # Which text each cache row holds: DecodeBatch.keep_rows moves it as it moves a real KV cache.
+        row_B111 = torch.arange(batch_size).view(-1, 1, 1, 1)
+        self.row_cache = SimpleNamespace(k_cache_BSKE=row_B111, v_cache_BSKE=row_B111.clone())
 
     def clear_caches(self):
         pass
 
+    def attention_modules(self):
+        return [SimpleNamespace(kv_cache=self.row_cache)]
+
     def rope_context(self, tokens_BT, input_pos_BT, first_row=0, n_keys=None):
-        return SimpleNamespace(input_pos_BT=input_pos_BT)
+        return SimpleNamespace(input_pos_BT=input_pos_BT, first_row=first_row)
 
     def trunk_forward(self, tokens_BT, rope):
         B, T = tokens_BT.shape
-        rows_BT = torch.arange(B).unsqueeze(1).expand(B, T)
+        rows_B = self.row_cache.k_cache_BSKE[rope.first_row : rope.first_row + B, 0, 0, 0]
+        rows_BT = rows_B.unsqueeze(1).expand(B, T)
         # Hidden "state": (row, position, head, chain went wrong).
         return torch.stack(
             [rows_BT, rope.input_pos_BT, torch.zeros_like(rows_BT), torch.zeros_like(rows_BT)], -1
