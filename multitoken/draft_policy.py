@@ -57,6 +57,12 @@ DRAFT_MARGIN = 0.2
 estimated costs and rates are noisy, switching plans has costs no step timing sees (caches, the
 policy's own work), and a wrong choice to draft costs more than a wrong choice not to. At 0.1 the
 demo's self-distilled heads lost 12% at batch 32 on a CPU; at 0.2 they break even there."""
+STATIC_BATCH_YIELD = 0.7
+"""The share of the speed its rows' statistics promise that drafting realized in a static batch of
+several rows (generate(), not the server): the batch's time is its slowest row's, and rows that draft
+well finish early, leaving the last ones to decode at a small batch's price per row where lockstep
+plain decoding kept every row at the whole batch's. Measured on the demo model at batch 8 and 32
+(BENCHMARKS.md, fourth pass). Drafting there must beat plain decoding by (1 + DRAFT_MARGIN) / this."""
 EXPLORE = 0.5
 """Optimism of the deeper heads' rates, per 1 / sqrt(rows seen) (see `AcceptanceStats.chain_rates`)."""
 NEW_TEXT_WEIGHT = 0.3
@@ -205,6 +211,9 @@ class DraftPolicy:
         """Probe with shadow steps (a plain step scoring the first head's guess, `DraftPlan.shadow_probe`)
         instead of one-draft chains: for heads without a cache, in greedy decoding (generate sets it)."""
         self.shadow = DraftPlan.shadow_probe()
+        self.static_batch = False
+        """The rows decode as one static batch that ends with its slowest row (generate sets it): at
+        several rows, drafting must beat plain decoding by more (STATIC_BATCH_YIELD)."""
         self.plan_counts: Counter[str] = Counter()
         self.observed: dict[tuple[str, int], deque[float]] = {}
         """Recent measured step times by (plan, batch size)."""
@@ -254,7 +263,7 @@ class DraftPolicy:
             values = self.values(batch_size)
             plain = self.chains[0].name
             if plain in values:  # drafting must beat plain decoding by a margin, not by noise
-                values[plain] = (values[plain][0] * (1 + DRAFT_MARGIN), values[plain][1])
+                values[plain] = (values[plain][0] * self.margin(batch_size), values[plain][1])
             best = max(values.values(), key=lambda v: v[0])[1] if values else self.chains[-1]
             if best.n_heads:  # drafting pays as observed; which plan, optimism about deep heads decides
                 drafting = [v for v in self.values(batch_size, EXPLORE).values() if v[1].n_heads]
@@ -281,6 +290,13 @@ class DraftPolicy:
         self.plan_counts[best.name] += 1
         return best
 
+    def margin(self, batch_size: int) -> float:
+        """How many times plain decoding's expected speed drafting must beat: 1 + DRAFT_MARGIN, divided
+        by STATIC_BATCH_YIELD in a static batch of several rows."""
+        if self.static_batch and batch_size > 1:
+            return (1 + DRAFT_MARGIN) / STATIC_BATCH_YIELD
+        return 1 + DRAFT_MARGIN
+
     def drafting_could_pay(self, batch_size: int) -> bool:
         """Whether some drafting plan would beat plain decoding by the margin if every draft were
         accepted (a plan with k levels of drafts commits at most k + 1 tokens a row). Where none could,
@@ -290,7 +306,7 @@ class DraftPolicy:
             return True
         for plan in [*self.chains[1:], *(plan for _, plan in self.tree_plans)]:
             seconds = self.step_seconds(plan.name, batch_size)
-            if seconds is None or (1 + plan.n_drafts) * plain / seconds > 1 + DRAFT_MARGIN:
+            if seconds is None or (1 + plan.n_drafts) * plain / seconds > self.margin(batch_size):
                 return True
         return False
 
@@ -371,7 +387,7 @@ class DraftPolicy:
         if self.probing and self._best(batch_size).n_heads == 0:
             # Probe again only if a one-draft chain would have paid for itself here.
             gained = 1 + record.accepted_J[0] / max(record.reached_J[0], 1)
-            self.probe_accepted = gained > self._draft_cost(batch_size) * (1 + DRAFT_MARGIN)
+            self.probe_accepted = gained > self._draft_cost(batch_size) * self.margin(batch_size)
             if not self.probe_accepted:
                 # Probing found nothing worth drafting: wait twice as long before the next probe.
                 self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)

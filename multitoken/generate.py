@@ -310,6 +310,8 @@ def generate(
         else:
             generator.manual_seed(seed)
     n_heads = fixed.n_heads if fixed is not None else draft_depth(model.config) - 1
+    if policy is not None:
+        policy.static_batch = True  # this call's rows end together, with the slowest
     if policy is not None and not policy.drafting_could_pay(B):
         # No plan could beat plain decoding here even if every draft were accepted: decode plainly,
         # without the policy's work per step (the stats still name the model's heads, unused).
