@@ -151,7 +151,9 @@ class DecodeBatch:
         # On a CPU, blocks of many rows take oneDNN where MKL is slow; the unembedding is routed a step
         # at a time (`route_unembedding`). Compiled passes leave it to inductor.
         self.packs_linears = self.device.type == "cpu" and not compile
-        max_rows = capacity * (1 + max(self.n_heads, extra_slots))
+        # The trunk's matrices are packed for the rows of a full chain step; a wrapper costs a little on
+        # every call, and trees, rarely chosen where rows are few, keep MKL.
+        max_rows = capacity * (1 + self.n_heads)
         self.routed_linears = pack_linears(model, max_rows) if self.packs_linears else []
         self.n_rows = 0
         """Rows in use, for the caller's bookkeeping (a step's rows are those its budget covers)."""

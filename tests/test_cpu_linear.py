@@ -116,7 +116,7 @@ def test_speculative_greedy_equals_plain_with_packed_blocks(style, monkeypatch):
         return pack_weight(weight)
 
     monkeypatch.setattr(cpu_linear, "pack_weight", spy)
-    model = tiny_model(2, n_future=4, head_style=style, vocab_size=VOCAB, dim=64).eval()
+    model = tiny_model(2, n_future=4, head_style=style, vocab_size=VOCAB, dim=192, n_layers=4).eval()
     prompts = [[(7 * b + 3 * i) % 2000 + 1 for i in range(5 + b)] for b in range(8)]
     plain = generate(model, prompts, 24, speculative=False)
     for speculative in (True, None):
@@ -124,5 +124,5 @@ def test_speculative_greedy_equals_plain_with_packed_blocks(style, monkeypatch):
     single = generate(model, prompts[:1], 24, speculative=True)
     assert single.tokens == plain.tokens[:1]
     assert not any(isinstance(m.__dict__.get("forward"), PackedLinearForward) for m in model.modules())
-    assert (VOCAB, 64) in packed_shapes  # the unembedding took oneDNN
-    assert (64, 64) in packed_shapes  # and the trunk's, on blocks of 96 rows or more
+    assert (VOCAB, 192) in packed_shapes  # the unembedding took oneDNN
+    assert (192, 192) in packed_shapes  # and the trunk's, on 8 rows of 4 tokens or more
