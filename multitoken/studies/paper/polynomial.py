@@ -157,8 +157,14 @@ class PolynomialOptions:
     encoding: str = "scale"
     """How coefficients are spelled: digits ("30100" is 3 + x^2), tagged (one character per degree and
     value, "3aipA", so equal degrees match by content), or scale (digits at every scale)."""
+    max_steps: int = 0
+    """Training steps of every model (0: the scale's), e.g. a longer budget at a scale's model sizes."""
+    n_train: int = 0
+    """Training problems (0: the scale's); more steps want more problems, so that none repeats."""
 
     def __post_init__(self) -> None:
+        if self.max_steps < 0 or self.n_train < 0:
+            raise UserError("--max-steps and --n-train take a positive count, or 0 for the scale's")
         if self.loss not in ("scale", *LOSS_AFTER):
             raise UserError(f"unknown loss {self.loss!r}; choose one of scale, {', '.join(LOSS_AFTER)}")
         if self.encoding not in ("scale", *poly_ring.ENCODINGS):
@@ -175,6 +181,8 @@ def polynomial(options: PolynomialOptions) -> dict:
     """
     out, scale, seed, device = options.out, options.scale, options.seed, options.device
     preset = pick_scale(scale, SCALES)
+    overrides = {"max_steps": options.max_steps, "n_train": options.n_train}
+    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v})
     loss = preset.loss if options.loss == "scale" else options.loss
     encoding = preset.encoding if options.encoding == "scale" else options.encoding
     device = resolve_device(device)

@@ -46,6 +46,7 @@ def test_debug_run_writes_report(name, tmp_path, capsys):
         (["experiment", "polynomial", "--scale", "huge"], "unknown scale 'huge'"),
         (["experiment", "polynomial", "--loss", "bytes"], "unknown loss 'bytes'"),
         (["experiment", "polynomial", "--encoding", "words"], "unknown encoding 'words'"),
+        (["experiment", "polynomial", "--max-steps", "-5"], "positive count"),
         (
             ["experiment", "induction", "--scale", "debug", "--corpus", "nowhere", "--names", "nofile"],
             "nofile",
@@ -62,3 +63,12 @@ def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
 def test_unknown_experiment(capsys):
     assert main(["experiment", "nope"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_polynomial_budget_overrides_reach_every_model(tmp_path):
+    out = tmp_path / "poly"
+    argv = ["experiment", "polynomial", "--scale", "debug", "--max-steps", "4", "--n-train", "1000"]
+    assert main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+    for variant in ("n1", "n2", "n4", "n1-3x"):
+        assert json.loads((out / "runs" / variant / "train_config.json").read_text())["max_steps"] == 4
+    assert len((out / "corpus" / "problems.jsonl").read_text().splitlines()) == 1000
