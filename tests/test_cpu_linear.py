@@ -90,6 +90,9 @@ def test_pack_linears_packs_what_pays_and_unpacks():
     assert packed_names() == {"output"}
     unpack_linears(model)
     assert packed_names() == set()
+    assert pack_linears(model, max_rows=1) == routed  # the same packed copy comes back
+    unpack_linears(model, keep_packed=False)
+    assert pack_linears(model, max_rows=1) != routed
 
 
 def test_a_deep_copy_of_a_packed_model_follows_its_own_weights():
@@ -111,8 +114,11 @@ def test_speculative_greedy_equals_plain_with_packed_blocks(style, monkeypatch):
 
     pack_weight = cpu_linear.pack_weight
 
+    unembedding_packs = [0]
+
     def spy(weight):
         packed_shapes.add(tuple(weight.shape))
+        unembedding_packs[0] += weight.shape[0] == VOCAB
         return pack_weight(weight)
 
     monkeypatch.setattr(cpu_linear, "pack_weight", spy)
@@ -123,6 +129,7 @@ def test_speculative_greedy_equals_plain_with_packed_blocks(style, monkeypatch):
         assert generate(model, prompts, 24, speculative=speculative).tokens == plain.tokens
     single = generate(model, prompts[:1], 24, speculative=True)
     assert single.tokens == plain.tokens[:1]
+    assert unembedding_packs == [1]  # packed once, kept between generate() calls
     assert not any(isinstance(m.__dict__.get("forward"), PackedLinearForward) for m in model.modules())
     assert (VOCAB, 192) in packed_shapes  # the unembedding took oneDNN
     assert (192, 192) in packed_shapes  # and the trunk's, on 8 rows of 4 tokens or more
