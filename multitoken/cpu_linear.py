@@ -12,7 +12,7 @@ about 10 us more per call, so it pays
   - on the trunk's small matrices once rows x outputs reach ONEDNN_MIN_OUTPUTS (a batch of rows
     verifying drafts).
 
-Figures: BENCHMARKS.md, "oneDNN for the verification block". Decoding packs its model's linear layers
+Figures: BENCHMARKS.md, "Fourth pass". Decoding packs its model's linear layers
 (`pack_linears`); training never sees the packed path, which runs only without autograd, on a CPU, in
 float32, outside torch.compile.
 """
