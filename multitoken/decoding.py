@@ -149,7 +149,7 @@ class DecodeBatch:
         self.forward, self.forward_tree = _compiled_steps(self.device.type) if compile else _EAGER_STEPS
         model.setup_caches(capacity, cache_len, extra_slots=extra_slots)
         # On a CPU, blocks of many rows take oneDNN where MKL is slow; the unembedding is routed a step
-        # at a time (`route_unembedding`). Compiled passes leave it to inductor.
+        # at a time (`route_large_matrices`). Compiled passes leave it to inductor.
         self.packs_linears = self.device.type == "cpu" and not compile
         # The trunk's matrices are packed for the rows of a full chain step; a wrapper costs a little on
         # every call, and trees, rarely chosen where rows are few, keep MKL.
@@ -190,9 +190,10 @@ class DecodeBatch:
         if self.packs_linears:
             unpack_linears(self.model)
 
-    def route_unembedding(self, rows: int) -> None:
-        """Send a step's unembeddings, drafts included, through oneDNN when it verifies 2 rows or more,
-        else through MKL (one copy of the weight stays in the cache; see `multitoken.cpu_linear`)."""
+    def route_large_matrices(self, rows: int) -> None:
+        """Send a step's calls of the large matrices (the unembedding, drafts included) through oneDNN
+        when the step feeds 2 rows or more, else through MKL: one copy of each weight stays in the cache
+        (see `multitoken.cpu_linear`)."""
         for forward in self.routed_linears:
             forward.route(rows >= 2)
 
@@ -359,7 +360,7 @@ def prefill(
     starts = list(start) if start is not None else [0] * B
     lengths = [len(c) for c in chunks]
     longest = max(lengths)
-    batch.route_unembedding(B * longest)
+    batch.route_large_matrices(B * longest)
     tokens_BT = torch.zeros(B, longest, dtype=torch.long, device=dev)
     for b, chunk in enumerate(chunks):
         tokens_BT[b, : lengths[b]] = torch.tensor(list(chunk), dtype=torch.long)
@@ -369,7 +370,9 @@ def prefill(
     pos_BT = torch.where(arange_T < length_B.unsqueeze(1), start_B.unsqueeze(1) + arange_T, batch.scratch)
     rows = slice(first_row, first_row + B)
     n_keys = None if batch.compiled else max(s + n for s, n in zip(starts, lengths, strict=True))
-    h_BTD, logits_BTV = _verify_forward(model, tokens_BT, pos_BT, first_row, n_keys)
+    rope = model.rope_context(tokens_BT, pos_BT, first_row=first_row, n_keys=n_keys)
+    h_BTD = model.trunk_forward(tokens_BT, rope)
+    z_BTD = model.head_forward(0, h_BTD, rope)  # every position: a cached next-token head fills its cache
     rows_B = torch.arange(B, device=dev)
     _keep_history(batch, rows, h_BTD, tokens_BT, pos_BT, rows_B, length_B - 1)
     batch.pos_B[rows] = start_B + length_B
@@ -379,11 +382,10 @@ def prefill(
             batch.synced[first_row + b] = [0] * batch.synced_BJ.shape[1]
             batch.synced_BJ[first_row + b] = 0
     sampling = batch.live_sampling(rows)
-    last_logits_BV = logits_BTV[rows_B, length_B - 1]
+    last_logits_BV = model.logits(z_BTD[rows_B, length_B - 1])  # the prompt's other logits are not needed
     next_B = choose(last_logits_BV, sampling, batch.generator)[0] if final else None
     if batch.prefill_heads and batch.cached_heads and batch.n_heads and (final or not batch.sequential):
         # Fill the cached drafting heads' KV caches over the prompt now, in one batched pass.
-        rope = model.rope_context(tokens_BT, pos_BT, first_row=first_row, n_keys=n_keys)
         if batch.sequential:
             propose_drafts(
                 model,
@@ -514,7 +516,7 @@ def decode_step(
     A row with budget 0 (finished, or waiting) is fed to the spare slot and left unchanged. Every step
     makes one device-to-host copy.
     """
-    batch.route_unembedding(len(budget) * plan.block)
+    batch.route_large_matrices(len(budget) * plan.block)
     if plan.tree is not None:
         return _tree_step(batch, plan, budget, keep_logits)
     n, dev, model, k = len(budget), batch.device, batch.model, plan.n_drafts

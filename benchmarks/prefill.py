@@ -1,0 +1,53 @@
+"""Time to first token: prefill of one prompt and the choice of its first new token, plain decoding.
+
+    python benchmarks/prefill.py --preset small --vocab-size 32000 --prompt-lens 128,512
+
+Random weights (a prefill's cost does not depend on them), median of the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+from statistics import median
+
+import torch
+from common import machine_description, markdown_table, today
+
+from multitoken.config import preset_config
+from multitoken.generate import generate
+from multitoken.model import MultiTokenLM
+from multitoken.studies.measure import interleaved_times
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="small", help="shape of the random model")
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--prompt-lens", default="128,512")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = MultiTokenLM(preset_config(args.preset, vocab_size=args.vocab_size, n_future=1)).eval()
+    prompts = {
+        T: torch.randint(0, args.vocab_size, (1, T)).tolist() for T in map(int, args.prompt_lens.split(","))
+    }
+    fns = {T: (lambda p=p: generate(model, p, 1, speculative=False)) for T, p in prompts.items()}
+    times = interleaved_times(fns, args.repeats, "cpu")
+    print(f"# Time to first token ({today()})")
+    print(f"random {args.preset} model, vocab {args.vocab_size}, float32, {machine_description('cpu')}, "
+          f"wall clock, median of {args.repeats}\n")  # fmt: skip
+    rows = [[T, f"{median(times[T].seconds('wall')) * 1e3:.0f}"] for T in prompts]
+    print(markdown_table(["prompt tokens", "ms"], rows))
+
+
+if __name__ == "__main__":
+    main()
