@@ -56,13 +56,11 @@ class PackedLinearForward:
         self.linear = linear
         self.routed = linear.weight.numel() >= ROUTED_MIN_WEIGHTS
         """A large matrix (the unembedding): routed a whole step at a time (`route`)."""
-        self.min_numel = 2 * linear.in_features if self.routed else self._rule_numel()
+        min_rows = 2 if self.routed else -(-ONEDNN_MIN_OUTPUTS // linear.out_features)
+        self.min_numel = min_rows * linear.in_features
         """Input elements from which oneDNN is used."""
         self._packed: Tensor | None = None
         self._packed_key: tuple[int, int] | None = None
-
-    def _rule_numel(self) -> int:
-        return -(-ONEDNN_MIN_OUTPUTS // self.linear.out_features) * self.linear.in_features
 
     def route(self, onednn: bool) -> None:
         """Send every call through oneDNN (`onednn`) or through MKL, until routed again."""

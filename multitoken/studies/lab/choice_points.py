@@ -178,17 +178,16 @@ def _answer(results: dict) -> str:
     parts = []
     for label, r in results.items():
         n, k = r["n_heads"], "choice points"
-        if n == 1:
+        shares = f"{label}: choice points are {100 * r['positions'][k]:.1f}% of positions and carry "
+        if n == 1:  # a next-token model: its shares are the baseline
             parts.append(
-                f"{label}: choice points are {100 * r['positions'][k]:.1f}% of positions and carry "
-                f"{100 * r['loss next-token'][k]:.1f}% of the next-token loss "
+                shares + f"{100 * r['loss next-token'][k]:.1f}% of the next-token loss "
                 f"({100 * r['gradient next-token'][k]:.1f}% of the gradient at the trunk output)"
             )
             continue
         parts.append(
-            f"{label}: choice points are {100 * r['positions'][k]:.1f}% of positions and carry "
-            f"{100 * r['loss next-token'][k]:.1f}% of the next-token loss but {100 * r[f'loss {n}-token'][k]:.1f}% "
-            f"of the {n}-token loss ({100 * r['gradient next-token'][k]:.1f}% vs "
+            shares + f"{100 * r['loss next-token'][k]:.1f}% of the next-token loss but "
+            f"{100 * r[f'loss {n}-token'][k]:.1f}% of the {n}-token loss ({100 * r['gradient next-token'][k]:.1f}% vs "
             f"{100 * r[f'gradient {n}-token'][k]:.1f}% of the gradient at the trunk output)"
         )
     return "; ".join(parts) + "."
