@@ -15,7 +15,7 @@ from statistics import median
 from unittest import mock
 
 import torch
-from common import machine_description, markdown_table, today
+from common import add_random_model_args, machine_description, markdown_table, today
 
 from multitoken.config import preset_config
 from multitoken.decoding import DecodeBatch
@@ -28,15 +28,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="tiny", help="shape of the random model")
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    add_random_model_args(parser, preset="tiny", vocab_size=4096)
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--max-new-tokens", default="128,512", help="comma-separated: one row per value")
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 

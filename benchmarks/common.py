@@ -6,6 +6,7 @@ Timing (`timed`, `interleaved_times`, `paired_ratio`) and peak memory come from
 
 from __future__ import annotations
 
+import argparse
 import datetime
 
 import torch
@@ -31,3 +32,12 @@ def today() -> str:
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     """A GitHub markdown table of cells as given (`format_table` without its float rounding)."""
     return format_table(headers, rows, cell=str)
+
+
+def add_random_model_args(parser: argparse.ArgumentParser, preset: str, vocab_size: int) -> None:
+    """The flags of a benchmark of a random model: its shape, and how it is timed."""
+    parser.add_argument("--preset", default=preset, help="shape of the random model")
+    parser.add_argument("--vocab-size", type=int, default=vocab_size, help="vocabulary of the random model")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)

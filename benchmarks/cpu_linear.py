@@ -14,18 +14,19 @@ measures it three ways, the variants alternating in one process, medians of the 
 from __future__ import annotations
 
 import argparse
-import time
+import contextlib
 from statistics import median
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from common import machine_description, markdown_table, today
+from common import add_random_model_args, machine_description, markdown_table, today
+from decode import bench_step_costs
 
 from multitoken.config import preset_config
 from multitoken.cpu_linear import onednn_available, pack_weight
 from multitoken.data.prompts import code_prompts
-from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
+from multitoken.decoding import DraftPlan
 from multitoken.generate import generate
 from multitoken.model import MultiTokenLM
 from multitoken.speculative import draft_depth
@@ -39,17 +40,13 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", help="checkpoint or run directory; default: a random model")
-    parser.add_argument("--preset", default="tiny", help="shape of the random model")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the random model")
+    add_random_model_args(parser, preset="tiny", vocab_size=4096)
     parser.add_argument("--code-prompts-from", help="prepared dataset whose val function headers are prompts")
     parser.add_argument("--n-prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--rows", default="1,2,4,8,32,128", help="row counts of the matmul table")
     parser.add_argument("--steps", type=int, default=40, help="timed decoding steps per plan and repeat")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
@@ -81,48 +78,28 @@ def matmul_rows(model, row_counts: list[int], repeats: int) -> list[list[object]
     return rows
 
 
-def step_seconds(model, batch_size: int, plan: DraftPlan, steps: int) -> float:
-    """Median seconds of one decoding step of `plan`, over `steps` steps after a few untimed ones."""
-    depth = draft_depth(model.config)
-    batch = DecodeBatch(model, batch_size, min(512, model.config.max_seq_len))
-    prompts = torch.randint(0, model.config.vocab_size, (batch_size, 16)).tolist()
-    seconds = []
-    try:
-        prefill(batch, prompts)
-        for i in range(steps + 3):
-            if max(batch.pos) + depth + 1 >= batch.cache_len - 1:
-                prefill(batch, prompts)
-            t0 = time.perf_counter()
-            decode_step(batch, plan, [depth] * batch_size)
-            if i >= 3:
-                seconds.append(time.perf_counter() - t0)
-    finally:
-        batch.close()
-    return median(seconds)
-
-
 def mkl_only():
     """A context in which decoding packs nothing: every matmul through F.linear (MKL)."""
     return mock.patch("multitoken.decoding.pack_linears", lambda model, max_rows: [])
 
 
 def step_rows(model, batch_sizes: list[int], steps: int, repeats: int) -> list[list[object]]:
-    plans = [DraftPlan.chain(k) for k in range(draft_depth(model.config))]
+    """Per batch size and variant: MKL's plain step in ms, and each plan's step relative to it
+    (decode.py's step timing, `steps` alternating steps per plan, once per repeat and variant)."""
+    plans = [DraftPlan.chain(k).name for k in range(draft_depth(model.config))]
     rows = []
     for batch_size in batch_sizes:
-        times = {(v, p.name): [] for v in VARIANTS for p in plans}
+        ms = {(v, p): [] for v in VARIANTS for p in plans}
         for _ in range(repeats):
             for variant in VARIANTS:
-                for plan in plans:
-                    if variant == "MKL":
-                        with mkl_only():
-                            times[variant, plan.name].append(step_seconds(model, batch_size, plan, steps))
-                    else:
-                        times[variant, plan.name].append(step_seconds(model, batch_size, plan, steps))
-        base = median(times["MKL", "plain"])
+                with mkl_only() if variant == "MKL" else contextlib.nullcontext():
+                    costs = bench_step_costs(model, batch_size, steps, "cpu", "wall")
+                for p in plans:
+                    ms[variant, p].append(costs[p] * costs["plain_ms"])
+        base = median(ms["MKL", "plain"])
         for variant in VARIANTS:
-            cells = [f"{median(times[variant, p.name]) / base:.2f}" for p in plans]
-            rows.append([batch_size, variant, f"{median(times[variant, 'plain']) * 1e3:.2f}", *cells])
+            cells = [f"{median(ms[variant, p]) / base:.2f}" for p in plans]
+            rows.append([batch_size, variant, f"{median(ms[variant, 'plain']):.2f}", *cells])
     return rows
 
 

@@ -11,7 +11,7 @@ import argparse
 from statistics import median
 
 import torch
-from common import machine_description, markdown_table, today
+from common import add_random_model_args, machine_description, markdown_table, today
 
 from multitoken.config import preset_config
 from multitoken.generate import generate
@@ -23,12 +23,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="small", help="shape of the random model")
-    parser.add_argument("--vocab-size", type=int, default=32000)
+    add_random_model_args(parser, preset="small", vocab_size=32000)
     parser.add_argument("--prompt-lens", default="128,512")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
