@@ -47,6 +47,8 @@ def test_debug_run_writes_report(name, tmp_path, capsys):
         (["experiment", "polynomial", "--loss", "bytes"], "unknown loss 'bytes'"),
         (["experiment", "polynomial", "--encoding", "words"], "unknown encoding 'words'"),
         (["experiment", "polynomial", "--max-steps", "-5"], "positive count"),
+        (["experiment", "polynomial", "--n-train", "-1"], "positive count"),
+        (["experiment", "polynomial", "--max-steps", "abc"], "invalid int value"),
         (
             ["experiment", "induction", "--scale", "debug", "--corpus", "nowhere", "--names", "nofile"],
             "nofile",
