@@ -29,12 +29,12 @@ demo: $(STAMP)
 	@echo "== heads trained on the corpus: decoding speed (completions not shown)"
 	$(MT) generate --checkpoint $(DEMO_RUN) --prompts-from-data $(DEMO_DATA) --n-prompts 10 --max-new-tokens 128 \
 		--stats --compare-plain > /dev/null
-	@echo "== heads trained again, trunk frozen, on the model's own continuations of 1024 train-split functions"
+	@echo "== new heads, conditioned on the token just chosen, trained on the model's own continuations of 1024 train-split functions (trunk frozen)"
 	$(MT) distill-data --checkpoint $(DEMO_RUN) --from-data $(DEMO_DATA) --prompt-kind code --n-prompts 1024 \
 		--max-new-tokens 128 --batch-size 64 --out $(DEMO_RUN)/self.jsonl
 	$(MT) prepare --source $(DEMO_RUN)/self.jsonl:text --tokenizer $(DEMO_RUN) --out $(DEMO_RUN)/self-data
 	rm -rf $(DEMO_HEADS)
-	$(MT) train --init-from $(DEMO_RUN) --train heads --data $(DEMO_RUN)/self-data --seq-len 128 --batch-size 8 \
+	$(MT) train --init-from $(DEMO_RUN) --train heads --head-style conditioned --data $(DEMO_RUN)/self-data --seq-len 128 --batch-size 8 \
 		--max-steps 600 --warmup-steps 10 --lr 3e-3 --val-every 600 --save-every 600 --out $(DEMO_HEADS)
 	$(MT) generate --checkpoint $(DEMO_HEADS) --prompts-from-data $(DEMO_DATA) --n-prompts 10 --max-new-tokens 128 \
 		--stats --compare-plain

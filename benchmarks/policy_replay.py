@@ -65,7 +65,9 @@ def record_ranks(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[int
     h_1TD = model.trunk_forward(tokens_1T, rope)
     ranks_JT = []
     for j in range(model.config.n_future - 1):
-        logits_TV = model.logits(model.head_forward(j + 1, h_1TD, rope))[0]
+        logits_TV = model.logits(model.head_forward(j + 1, h_1TD, rope, model.head_tokens(j + 1, tokens_1T)))[
+            0
+        ]
         ranks = [RANKS_TRACKED] * T
         for t in range(T - 2 - j):
             right = logits_TV[t, tokens_1T[0, t + 2 + j]]

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from multitoken.errors import UserError, check_at_least
 
-HeadStyle = Literal["transformer", "linear", "sequential", "medusa"]
-HEAD_STYLES = ("transformer", "linear", "sequential", "medusa")
+HeadStyle = Literal["transformer", "linear", "sequential", "medusa", "conditioned"]
+HEAD_STYLES = ("transformer", "linear", "sequential", "medusa", "conditioned")
 
 
 @dataclass
@@ -35,7 +35,9 @@ class ModelConfig:
     """Number of output heads; head i predicts the token `head_offsets[i]` steps ahead."""
     head_style: HeadStyle = "transformer"
     """transformer: one block per head (the paper); linear: Medusa's x + SiLU(Wx); sequential: DeepSeek-V3's MTP
-    modules; medusa: x + SiLU(Wx + b) on the trunk's normed output, as vLLM's Medusa speculator runs it."""
+    modules; medusa: x + SiLU(Wx + b) on the trunk's normed output, as vLLM's Medusa speculator runs it;
+    conditioned: x + SiLU(W [x; e]), linear heads that also read the embedding e of the next token (known
+    when drafting: the token just chosen), Hydra's first draft head, still drafting in parallel."""
     head_offsets: list[int] | None = None
     """Future offset each head predicts; None means 1..n_future. Far-future heads like [1, 2, 4, 8] are allowed."""
     param_matched: bool = True
@@ -114,6 +116,8 @@ class ModelConfig:
             raise UserError(f"head_offsets has {len(self.head_offsets)} entries but n_future={self.n_future}")
         if any(o < 1 for o in self.head_offsets) or sorted(set(self.head_offsets)) != self.head_offsets:
             raise UserError(f"head_offsets must be increasing positive integers, got {self.head_offsets}")
+        if self.head_style == "conditioned" and self.head_offsets[0] != 1:
+            raise UserError("conditioned heads read the next token: the first head's offset must be 1")
         if self.head_style == "sequential" and self.head_offsets != list(range(1, self.n_future + 1)):
             raise UserError("sequential heads predict consecutive tokens: head_offsets must be 1..n_future")
         if len(self.loss_weights) != self.n_future:

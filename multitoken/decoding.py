@@ -44,8 +44,9 @@ from multitoken.draft_tree import (
 from multitoken.sampling import RowSampling, SamplingParams, choose
 from multitoken.speculative import accept_greedy, accept_sampled, draft_depth, propose_drafts
 
-UNCACHED_HEAD_STYLES = ("linear", "medusa")
-"""Drafting heads without attention: they read the trunk output at the last position, no KV cache."""
+UNCACHED_HEAD_STYLES = ("linear", "medusa", "conditioned")
+"""Drafting heads without attention: they read the trunk output at the last position (and, conditioned,
+the pending token), no KV cache."""
 CATCH_UP_WINDOW = 32
 """Most positions a cached drafting head catches up on before it drafts again."""
 RANKS_TRACKED = 8
@@ -461,9 +462,10 @@ def _draft(batch: DecodeBatch, plan: DraftPlan, n: int, sampling):
     draft as a chain, each head fed the previous one's choice.
     """
     model, k = batch.model, plan.n_heads
-    if batch.history == "last":  # linear heads: no cache, the last committed position is all they need
-        h_BD = batch.h_last_BD[:n]
-        z_BJD = torch.stack([model.head_forward(i, h_BD, None) for i in range(1, k + 1)], 1)
+    if batch.history == "last":
+        # heads without a cache read the last committed position (conditioned ones the pending token too)
+        h_BD, next_B = batch.h_last_BD[:n], batch.next_B[:n]
+        z_BJD = torch.stack([model.head_forward(i, h_BD, None, next_B) for i in range(1, k + 1)], 1)
     else:
         pos_BG, last_B = _catch_up_block(batch, k, n)
         rows_B1 = torch.arange(n, device=batch.device).unsqueeze(1)
@@ -570,9 +572,9 @@ def _shadow_guess(batch: DecodeBatch, n: int) -> Tensor:
     """The +2 head's greedy guess, from each row's last committed position, of the token after the
     pending one (needs the kept last trunk outputs of uncached heads)."""
     if batch.history != "last" or batch.h_last_BD is None:
-        raise ValueError("a shadow probe needs drafting heads without a cache (the linear style)")
+        raise ValueError("a shadow probe needs drafting heads without a cache (linear styles)")
     model = batch.model
-    return model.logits(model.head_forward(1, batch.h_last_BD[:n], None)).argmax(-1)
+    return model.logits(model.head_forward(1, batch.h_last_BD[:n], None, batch.next_B[:n])).argmax(-1)
 
 
 def _tree_step(batch: DecodeBatch, plan: DraftPlan, budget: Sequence[int], keep_logits: bool) -> StepRecord:

@@ -166,7 +166,7 @@ def measure_rank_accuracy(model, tokens_BT: Tensor, depth: int, max_rank: int) -
     accuracy = []
     for d in range(depth):
         offset = d + 2
-        z_BTD = model.head_forward(d + 1, h_BTD, rope)[:, :-offset]
+        z_BTD = model.head_forward(d + 1, h_BTD, rope, model.head_tokens(d + 1, tokens_BT))[:, :-offset]
         top_BTR = model.logits(z_BTD).topk(max_rank, dim=-1).indices
         hits_BTR = top_BTR == tokens_BT[:, offset:].unsqueeze(-1)
         accuracy.append(hits_BTR.float().mean((0, 1)).tolist())

@@ -16,7 +16,7 @@ import torch
 
 from multitoken.config import ModelConfig
 from multitoken.errors import UserError
-from multitoken.model import LinearHead, MultiTokenLM
+from multitoken.model import ConditionedHead, LinearHead, MultiTokenLM
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -153,7 +153,9 @@ def from_hf(
     model.reset_parameters(only=set(params) - loaded)  # heads the HF model has no weights for
     with torch.no_grad():
         for head in model.heads:
-            if isinstance(head, LinearHead):  # x + SiLU(0 x) = x: a new head starts as the next-token one
+            if isinstance(
+                head, LinearHead | ConditionedHead
+            ):  # x + SiLU(0) = x: a new head starts as the next-token one
                 head.proj.weight.zero_()
     return model.eval()
 
@@ -167,7 +169,7 @@ def to_hf(model: MultiTokenLM) -> PreTrainedModel:
     attention biases, else Llama (which computes Mistral without a sliding window too).
 
     That path is the trunk and the next-token head: one more block in the transformer style, none in
-    the linear and sequential styles, whose next-token head is the trunk output itself.
+    the other styles, whose next-token head is the trunk output itself.
     """
     import transformers
 

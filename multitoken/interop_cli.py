@@ -36,8 +36,9 @@ def import_cli(
         n_future: number of output heads; heads beyond the first are new.
         head_style: style of the new heads: transformer (copies of the last layer), linear (Medusa's
             x + SiLU(Wx), starting as the identity), medusa (x + SiLU(Wx + b) on the normed output,
-            starting as the next-token head; the style `export --format medusa` writes for vLLM) or
-            sequential (DeepSeek-V3's, random).
+            starting as the next-token head; the style `export --format medusa` writes for vLLM),
+            conditioned (x + SiLU(W [x; e(next token)]), starting as the identity) or sequential
+            (DeepSeek-V3's, random).
         dtype: type the weights are kept in; bfloat16 halves the memory of a bf16 model.
     """
     from multitoken.checkpoint import save_checkpoint

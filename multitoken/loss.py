@@ -227,7 +227,7 @@ def multi_token_backward(
             losses.append(float("nan"))
             continue
         root = detached_roots[i if sequential else 0]
-        z_BTD = root if sequential else model.head_forward(i, root, rope)
+        z_BTD = root if sequential else model.head_forward(i, root, rope, model.head_tokens(i, tokens_BT))
         scale = loss_scale * weights[i] / normalizer_N[i]
         if distill and i > 0:
             if teacher_BTD is None:

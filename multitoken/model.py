@@ -11,6 +11,7 @@ Layout: tok_embeddings -> trunk blocks -> heads[i] -> norm -> output. Head i at 
 token t + head_offsets[i]. With n_future = 1 and the transformer head style this is exactly a
 Llama: trunk = layers[:-1], heads[0] = layers[-1]. The medusa style moves the norm before the heads
 (tok_embeddings -> trunk -> norm -> heads[i] -> output), as vLLM's Medusa speculator computes them.
+The conditioned style's heads also read the embedding of the token at t + 1.
 """
 
 from __future__ import annotations
@@ -204,6 +205,22 @@ class LinearHead(nn.Module):
         return x_BTD + F.silu(self.proj(x_BTD))
 
 
+class ConditionedHead(nn.Module):
+    """A linear head that also reads the next token: x_t + SiLU(W [x_t; e(token_{t+1})]).
+
+    When drafting, the token after the last committed position is already chosen (the pending token), so
+    every drafting head may read it at no cost and still draft in parallel: Hydra's first head (Ankner et
+    al., 2024), without its dependence on earlier drafts. Zero W gives the next-token head, as LinearHead.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2 * config.dim, config.dim, bias=False)
+
+    def forward(self, x_BTD: Tensor, next_emb_BTD: Tensor, rope: RopeContext) -> Tensor:
+        return x_BTD + F.silu(self.proj(torch.cat([x_BTD, next_emb_BTD], dim=-1)))
+
+
 class SequentialHead(nn.Module):
     """DeepSeek-V3's MTP module: Block(W [RMSNorm(h_prev); RMSNorm(emb(next token))])."""
 
@@ -277,6 +294,8 @@ class MultiTokenLM(nn.Module):
             return Identity()
         if style == "sequential":
             return SequentialHead(self.config)
+        if style == "conditioned":
+            return ConditionedHead(self.config)
         return LinearHead(self.config, bias=style == "medusa")
 
     @torch.no_grad()
@@ -377,25 +396,36 @@ class MultiTokenLM(nn.Module):
     ) -> Tensor:
         """Head `index`'s output, which `logits` turns into logits (pre-norm, except in the medusa style).
 
-        Parallel styles take the trunk output `h_BTD`; medusa heads take it normed. Sequential heads
-        take the previous depth's output and the tokens at t + index (`next_tokens_BT`), as in DeepSeek-V3.
+        Parallel styles take the trunk output `h_BTD`; medusa heads take it normed, conditioned heads also
+        the tokens at t + 1. Sequential heads take the previous depth's output and the tokens at t + index,
+        as in DeepSeek-V3. `head_tokens` gives the `next_tokens_BT` a head reads from a known sequence.
         """
         head = self.heads[index]
         if self.config.head_style == "medusa":
             return head(self.norm(h_BTD), rope)
-        if isinstance(head, SequentialHead):
+        if isinstance(head, SequentialHead | ConditionedHead):
             if next_tokens_BT is None:
-                raise ValueError("a sequential head needs the tokens at t + index")
+                raise ValueError(f"a {self.config.head_style} head needs the tokens it reads (head_tokens)")
             return head(h_BTD, self.tok_embeddings(next_tokens_BT), rope)
         return head(h_BTD, rope)
+
+    def head_tokens(self, index: int, tokens_BT: Tensor) -> Tensor | None:
+        """The tokens head `index` reads at each position of the sequence `tokens_BT`, if any: those at
+        t + index (sequential) or t + 1 (conditioned); the last positions, past the end, read token 0."""
+        if index == 0 or self.config.head_style not in ("sequential", "conditioned"):
+            return None
+        return shift_left(tokens_BT, index if self.config.head_style == "sequential" else 1)
 
     def head_states(self, h_BTD: Tensor, tokens_BT: Tensor, rope: RopeContext) -> list[Tensor]:
         """Every head's pre-norm output for a sequence whose future tokens are known (training, scoring)."""
         if self.config.head_style != "sequential":
-            return [self.head_forward(i, h_BTD, rope) for i in range(self.config.n_future)]
+            return [
+                self.head_forward(i, h_BTD, rope, self.head_tokens(i, tokens_BT))
+                for i in range(self.config.n_future)
+            ]
         states = [self.head_forward(0, h_BTD, rope)]
         for k in range(1, self.config.n_future):
-            states.append(self.head_forward(k, states[-1], rope, shift_left(tokens_BT, k)))
+            states.append(self.head_forward(k, states[-1], rope, self.head_tokens(k, tokens_BT)))
         return states
 
     def logits(self, z_BTD: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from multitoken.errors import UserError
 from multitoken.files import check_output_parent, read_json
 from multitoken.loss import IGNORE_INDEX, build_targets, head_metrics, multi_token_backward
 from multitoken.model import Block, MultiTokenLM
+from multitoken.restyle_heads import load_with_new_heads, restyled_config
 from multitoken.train_log import check_metrics
 
 TRAIN_CONFIG = "train_config.json"
@@ -103,7 +104,8 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar."""
     init_from: str | None = None
-    """Start from this checkpoint's weights and model shape (e.g. one `multitoken import` wrote); model flags are refused."""
+    """Start from this checkpoint's weights and model shape (e.g. one `multitoken import` wrote); model flags are
+    refused, but for --head-style with --train heads: new linear, medusa or conditioned heads on the same trunk."""
     train: Literal["all", "heads"] = "all"
     """all: train every parameter; heads: freeze the next-token path (embeddings, trunk, first head, norm,
     unembedding) and train only the extra heads, so the next-token logits stay exactly the base's."""
@@ -173,10 +175,17 @@ class TrainConfig:
         or the preset's with the model overrides."""
         if self.init_from is not None:
             config = ModelConfig.load(ckpt_io.resolve_checkpoint(self.init_from) / ckpt_io.CONFIG)
-            if self.model:
+            others = sorted(set(self.model) - {"head_style"})
+            if others:
                 raise UserError(
-                    f"--init-from takes the model from {self.init_from}; drop {', '.join(sorted(self.model))}"
+                    f"--init-from takes the model from {self.init_from}; drop {', '.join(others)}"
                 )
+            if self.model.get("head_style", config.head_style) != config.head_style:
+                if self.train != "heads":
+                    raise UserError(
+                        "--head-style with --init-from gives the model new heads: add --train heads"
+                    )
+                config = restyled_config(config, self.model["head_style"])
             if vocab_size > config.vocab_size:
                 raise UserError(
                     f"the data's tokenizer has {vocab_size} ids, more than the model's {config.vocab_size}: "
@@ -307,7 +316,11 @@ class Trainer:
         else:
             self.model = MultiTokenLM(self.model_config).to(self.device)
             if cfg.init_from is not None:
-                ckpt_io.load_weights(self.model, ckpt_io.resolve_checkpoint(cfg.init_from))
+                source = ckpt_io.resolve_checkpoint(cfg.init_from)
+                if ModelConfig.load(source / ckpt_io.CONFIG).head_style != self.model_config.head_style:
+                    load_with_new_heads(self.model, source)
+                else:
+                    ckpt_io.load_weights(self.model, source)
             if cfg.train == "heads":
                 freeze_next_token_path(self.model)
             if cfg.compile:

@@ -6,7 +6,7 @@ import torch
 
 from multitoken import ModelConfig, MultiTokenLM
 
-HEAD_STYLES = ("transformer", "linear", "sequential", "medusa")
+HEAD_STYLES = ("transformer", "linear", "sequential", "medusa", "conditioned")
 
 # Tiny models run fastest on one thread, and a shared machine's oversubscribed OpenMP threads spin.
 torch.set_num_threads(1)

@@ -5,7 +5,7 @@ import torch
 from test_generate import agreeing_model
 from test_speculative import make_stub
 
-from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
+from multitoken.decoding import DecodeBatch, DraftPlan, _draft, decode_step, prefill
 from multitoken.draft_policy import DraftPolicy
 from multitoken.generate import generate
 from multitoken.sampling import RowSampling, SamplingParams, sampling_probs
@@ -54,7 +54,7 @@ class Driver:
             self.names = [self.names[i] for i in keep]
 
 
-@pytest.mark.parametrize("style", ["transformer", "linear", "sequential"])
+@pytest.mark.parametrize("style", ["transformer", "linear", "sequential", "conditioned"])
 @pytest.mark.parametrize("plan", ["plain", "chain", "tree"])
 def test_rows_joining_and_leaving_decode_as_alone(style, plan):
     if plan == "tree" and style == "sequential":
@@ -80,6 +80,33 @@ def test_rows_joining_and_leaving_decode_as_alone(style, plan):
         for name in PROMPTS:
             assert driver.out[name][:N_NEW] == solo[name], name
         driver.batch.close()
+
+
+@pytest.mark.parametrize("style", ["transformer", "linear", "medusa", "conditioned"])
+def test_drafts_are_the_heads_predictions_over_the_known_text(style):
+    """A step's drafts are each drafting head's top token at the last committed position of the text
+    so far, pending token included (what conditioned heads read there), as a full pass computes them."""
+    model = tiny_model(3, n_future=4, head_style=style).double().eval()
+    with torch.no_grad():  # heads that depend strongly on what they read
+        for head in list(model.heads)[1:]:
+            for param in head.parameters():
+                if param.dim() == 2:
+                    param.normal_(0, 0.3)
+    prompts = [[5, 6, 7, 8, 9], [1, 2, 3]]
+    batch = DecodeBatch(model, 2, 64)
+    batch.sampling, batch.n_rows = SamplingParams(), 2
+    texts = [list(p) + t for p, t in zip(prompts, prefill(batch, prompts).tokens, strict=True)]
+    for _ in range(4):  # plain steps: the heads' state must follow the text as it grows
+        for text, new in zip(texts, decode_step(batch, DraftPlan.chain(0), [99, 99]).tokens, strict=True):
+            text += new
+    drafts_BJ = _draft(batch, DraftPlan.chain(3), 2, batch.sampling)[0]
+    batch.close()
+    for b, text in enumerate(texts):
+        tokens_1T = torch.tensor([text])
+        rope = model.rope_context(tokens_1T, None)
+        states = model.head_states(model.trunk_forward(tokens_1T, rope), tokens_1T, rope)
+        expected = [int(model.logits(z_1TD)[0, -2].argmax()) for z_1TD in states[1:]]
+        assert drafts_BJ[b].tolist() == expected
 
 
 def test_row_sampling_equals_shared_sampling_row_by_row():

@@ -35,7 +35,11 @@ def agreeing_model(style: str, n: int, seed: int = 0, n_layers: int = 6):
         for head in list(model.heads)[1:]:
             if style == "transformer":
                 head.load_state_dict(model.heads[0].state_dict())
-            elif style in ("linear", "medusa"):  # x + SiLU(0) = x: the next-token head's output
+            elif style in (
+                "linear",
+                "medusa",
+                "conditioned",
+            ):  # x + SiLU(0) = x: the next-token head's output
                 head.proj.weight.zero_()
                 if head.proj.bias is not None:
                     head.proj.bias.zero_()

@@ -52,6 +52,19 @@ def test_extra_heads_start_from_the_last_layer_and_next_token_path_is_unchanged(
     torch.testing.assert_close(logits[:, :, 1], logits[:, :, 0])  # copies of the same layer
 
 
+@pytest.mark.parametrize("style", ["linear", "medusa", "conditioned"])
+def test_new_residual_heads_start_as_the_next_token_head(style):
+    """x + SiLU(0) = x: every new head's logits are the imported model's (medusa: with zero bias too)."""
+    hf = hf_llama(False)
+    ours = from_hf_llama(hf, n_future=3, head_style=style).eval()
+    tokens_BT = torch.randint(0, 101, (1, 12))
+    with torch.no_grad():
+        logits = ours(tokens_BT)
+        torch.testing.assert_close(logits[:, :, 0], hf(tokens_BT).logits, atol=1e-5, rtol=1e-5)
+    for i in (1, 2):
+        torch.testing.assert_close(logits[:, :, i], logits[:, :, 0])
+
+
 def test_an_activation_other_than_silu_is_refused():
     from multitoken.errors import UserError
 
@@ -71,7 +84,7 @@ def test_round_trip_to_hf(tmp_path):
         torch.testing.assert_close(back(tokens_BT).logits, hf(tokens_BT).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("style", ["transformer", "linear", "sequential"])
+@pytest.mark.parametrize("style", ["transformer", "linear", "sequential", "conditioned"])
 def test_next_token_path_of_every_head_style_exports(style):
     ours = tiny_model(2, n_future=3, head_style=style).eval()
     hf = to_hf_llama(ours).eval()

@@ -27,6 +27,11 @@ def test_heads_are_causal(style):
         # depth k at position t reads token t + k, so it may see up to position 8 - k.
         for k in range(3):
             torch.testing.assert_close(base[:, : 8 - k, k], other[:, : 8 - k, k])
+    elif style == "conditioned":
+        # the drafting heads at position t read token t + 1: position 7's see the change, and use it.
+        torch.testing.assert_close(base[:, :8, 0], other[:, :8, 0])
+        torch.testing.assert_close(base[:, :7, 1:], other[:, :7, 1:])
+        assert not torch.allclose(base[:, 7, 1:], other[:, 7, 1:])
     else:
         torch.testing.assert_close(base[:, :8], other[:, :8])
     assert not torch.allclose(base[:, 8:, 0], other[:, 8:, 0])

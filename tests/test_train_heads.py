@@ -76,9 +76,42 @@ def test_bad_input_is_refused_before_anything_is_written(data, tmp_path, capsys)
         (["--init-from", str(tmp_path / "two"), "--dim", "32"], "--init-from takes the model from"),
         (["--init-from", str(tmp_path / "bpe"), "--train", "heads"], "tokenized with another tokenizer"),
         (["--init-from", str(tmp_path / "two"), "--distill"], "add --train heads"),
+        (["--init-from", str(tmp_path / "two"), "--head-style", "conditioned"], "add --train heads"),
+        (
+            ["--init-from", str(tmp_path / "two"), "--train", "heads", "--head-style", "linear"],
+            "not transformer into linear",
+        ),
     ]
     for extra, message in cases:
         assert main([*common, *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "old, new", [("linear", "conditioned"), ("conditioned", "linear"), ("linear", "medusa")]
+)
+def test_new_heads_of_another_style_on_the_same_trunk(data, tmp_path, old, new):
+    """--head-style with --train heads: the trunk and next-token path load unchanged; linear heads become
+    conditioned ones computing what they computed (and back); other new heads start as the next-token head."""
+    base = base_checkpoint(data, tmp_path / "base", n_future=3, head_style=old).eval()
+    with torch.no_grad():
+        for head in list(base.heads)[1:]:  # heads that differ from the next-token head and read the token
+            head.proj.weight.normal_(0, 0.1)
+    save_checkpoint(tmp_path / "base", 1, base)
+    cfg = debug_config(data, tmp_path / "run", model={"head_style": new}, init_from=str(tmp_path / "base"))
+    cfg.train, cfg.max_steps, cfg.lr = "heads", 1, 0.0  # one step that changes nothing: the loaded heads
+    train(cfg)
+    restyled = load_model(tmp_path / "run")
+    assert restyled.config.head_style == new
+    tokens_BT = torch.randint(0, base.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        before_BTNV, after_BTNV = base(tokens_BT), restyled(tokens_BT)
+    assert torch.equal(before_BTNV[:, :, 0], after_BTNV[:, :, 0])
+    if new == "medusa":  # new heads: W zero, the next-token head's logits
+        torch.testing.assert_close(after_BTNV[:, :, 1:], after_BTNV[:, :, :1].expand_as(after_BTNV[:, :, 1:]))
+        return
+    if old == "conditioned":  # the token's columns are dropped: the same only where W ignores them
+        return
+    torch.testing.assert_close(after_BTNV, before_BTNV)

@@ -76,7 +76,7 @@ def head_losses_and_grads(model, tokens_BT: Tensor, sep_id: int | None) -> tuple
     targets_BTN = build_targets(tokens_BT, model.config.head_offsets, sep_id=sep_id)
     losses, grads = [], []
     for i in range(model.config.n_future):
-        logits_BTV = model.logits(model.head_forward(i, h_BTD, rope)).float()
+        logits_BTV = model.logits(model.head_forward(i, h_BTD, rope, model.head_tokens(i, tokens_BT))).float()
         loss_BT = F.cross_entropy(logits_BTV.transpose(1, 2), targets_BTN[..., i], reduction="none")
         (grad_BTD,) = torch.autograd.grad(loss_BT.sum(), h_BTD)
         losses.append(torch.where(targets_BTN[..., i] != IGNORE_INDEX, loss_BT.detach(), torch.nan))
