@@ -6,7 +6,8 @@
         --sparse-trees 8,16 --calibrate-data data/stdlib-demo                # chains against draft trees
 
 Every ratio is measured side by side in one run: the repeats alternate between the methods, and each
-figure is the median of the repeats. "auto" is the default decoding (`speculative=None`: the adaptive
+figure is the median of the repeats. A repeat decodes --n-prompts prompts at every batch size: at batch
+B, ceil(n / B) calls of B rows (8 prompts: 8 calls of one row, one of 8 rows, one of 32 rows). "auto" is the default decoding (`speculative=None`: the adaptive
 draft policy); "chain" always drafts with every head. The step-cost table times single decoding steps
 of each plan against a plain step. Prints markdown tables.
 """
@@ -24,7 +25,7 @@ from multitoken.config import preset_config
 from multitoken.data.prompts import code_prompts
 from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
 from multitoken.draft_tree import DraftTree, measure_rank_accuracy, sparse_tree
-from multitoken.generate import cache_length, generate
+from multitoken.generate import cache_length, generate, merge_stats
 from multitoken.model import Attention, MultiTokenLM
 from multitoken.speculative import draft_depth
 from multitoken.studies import measure
@@ -44,6 +45,9 @@ def parse_args() -> argparse.Namespace:
         "--code-prompts-from", help="prepared dataset: use the function headers of its val split as prompts"
     )
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens per random prompt")
+    parser.add_argument(
+        "--n-prompts", type=int, default=8, help="prompts per repeat: at batch B, ceil(n / B) calls of B rows"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--hf-batch-sizes", default="1,8", help="batch sizes for the transformers comparison")
@@ -103,15 +107,19 @@ def load_model(args, device: str):
     )
 
 
-def make_prompts(args, model, tokenizer, batch_size: int) -> list[list[int]]:
+def make_prompt_batches(args, model, tokenizer, batch_size: int) -> list[list[list[int]]]:
+    """The calls of one repeat at `batch_size`: ceil(n_prompts / batch_size) batches of prompts, the
+    prompts taken in order (cycling when there are fewer)."""
+    n_rows = batch_size * -(-args.n_prompts // batch_size)
     if args.prompt_file or args.code_prompts_from:
         if tokenizer is None:
             raise SystemExit("text prompts need a checkpoint with a tokenizer")
         texts = read_prompt_texts(args)
-        return [tokenizer.encode(texts[i % len(texts)]) for i in range(batch_size)]
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, args.prompt_len), generator=gen)
-    return ids.tolist()
+        prompts = [tokenizer.encode(texts[i % len(texts)]) for i in range(n_rows)]
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        prompts = torch.randint(0, model.config.vocab_size, (n_rows, args.prompt_len), generator=gen).tolist()
+    return [prompts[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
 def read_prompt_texts(args) -> list[str]:
@@ -119,7 +127,8 @@ def read_prompt_texts(args) -> list[str]:
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
             return [line for line in f.read().splitlines() if line.strip()]
-    return code_prompts(args.code_prompts_from, max(int(b) for b in args.batch_sizes.split(",")))
+    largest = max(int(b) for b in [*args.batch_sizes.split(","), *args.hf_batch_sizes.split(",")])
+    return code_prompts(args.code_prompts_from, max(args.n_prompts, largest))
 
 
 """`--clock cpu` times this process's CPU use (with one thread: its own work, not other jobs')."""
@@ -165,11 +174,13 @@ def calibrate(args, model) -> list[list[float]]:
     return measure_rank_accuracy(model, torch.stack(windows).to(device), depth, max_rank=8)
 
 
-def bench_decoders(args, model, prompts, device, methods: dict[str, dict]) -> dict[str, dict]:
-    """Median seconds of each decoding method, the methods alternating within each repeat, plus stats."""
+def bench_decoders(args, model, batches, device, methods: dict[str, dict]) -> dict[str, dict]:
+    """Median seconds of each decoding method over the batches, the methods alternating within each
+    repeat, plus stats."""
 
     def run(kwargs):
-        return generate(model, prompts, args.max_new_tokens, compile=args.compile, **kwargs)
+        calls = [generate(model, b, args.max_new_tokens, compile=args.compile, **kwargs) for b in batches]
+        return [row for call in calls for row in call.tokens], merge_stats([call.stats for call in calls])
 
     for kwargs in methods.values():
         run(kwargs)  # warm-up (and compilation)
@@ -182,15 +193,15 @@ def bench_decoders(args, model, prompts, device, methods: dict[str, dict]) -> di
     plain_s = statistics.median(seconds["plain"])
     results = {}
     for name in methods:
-        out, median_s = outputs[name], statistics.median(seconds[name])
-        speedup, tpf = plain_s / median_s, out.stats.tokens_per_forward
+        (tokens, stats), median_s = outputs[name], statistics.median(seconds[name])
+        speedup, tpf = plain_s / median_s, stats.tokens_per_forward
         results[name] = {
-            "tok_s": out.stats.new_tokens / median_s,
+            "tok_s": stats.new_tokens / median_s,
             "tokens_per_forward": tpf,
-            "acceptance": out.stats.acceptance_per_head,
+            "acceptance": stats.acceptance_per_head,
             "speedup": speedup,
             "efficiency": speedup / tpf,
-            "identical": out.tokens == outputs["plain"].tokens,
+            "identical": tokens == outputs["plain"][0],
         }
     return results
 
@@ -265,9 +276,10 @@ def bytes_per_plain_step(model, prompt_len: int, max_new_tokens: int, batch_size
 
 def bench_bandwidth(args, model, tokenizer, device) -> None:
     """Batch-1 plain decoding: tokens/s and the share of peak memory bandwidth it reads at."""
-    prompts = make_prompts(args, model, tokenizer, 1)
-    r = bench_decoders(args, model, prompts, device, {"plain": dict(speculative=False)})["plain"]
-    step_bytes = bytes_per_plain_step(model, len(prompts[0]), args.max_new_tokens, 1, args.compile)
+    batches = make_prompt_batches(args, model, tokenizer, 1)
+    r = bench_decoders(args, model, batches, device, {"plain": dict(speculative=False)})["plain"]
+    prompt_len = max(len(batch[0]) for batch in batches)
+    step_bytes = bytes_per_plain_step(model, prompt_len, args.max_new_tokens, 1, args.compile)
     gbs = step_bytes * r["tok_s"] / 1e9
     print("## Memory bandwidth of plain decoding, batch 1\n")
     print("| tok/s | MB read per step | GB/s | peak GB/s | fraction of peak |")
@@ -276,21 +288,22 @@ def bench_bandwidth(args, model, tokenizer, device) -> None:
     print(f"| {r['tok_s']:.0f} | {step_bytes / 1e6:.1f} | {gbs:.1f} | {peak:g} | {gbs / peak:.2f} |\n")
 
 
-def bench_hf(args, model, hf_model, prompts, device, speculative: bool) -> dict:
+def bench_hf(args, model, hf_model, batches, device, speculative: bool) -> dict:
     """Median seconds of our greedy decoding (plain or speculative) and transformers' generate(), alternating.
 
     transformers gets the same prompts left-padded, with an attention mask (our decoding needs no padding).
     """
-    longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
     n = args.max_new_tokens
 
     def ours():
-        return generate(model, prompts, n, speculative=speculative, compile=args.compile)
+        calls = [generate(model, b, n, speculative=speculative, compile=args.compile) for b in batches]
+        return [row for call in calls for row in call.tokens]
 
-    def hf():
-        return hf_model.generate(
+    def hf_call(prompts):
+        longest = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = hf_model.generate(
             ids,
             attention_mask=mask,
             max_new_tokens=n,
@@ -299,6 +312,10 @@ def bench_hf(args, model, hf_model, prompts, device, speculative: bool) -> dict:
             use_cache=True,
             pad_token_id=0,
         )
+        return out[:, longest:].tolist()
+
+    def hf():
+        return [row for b in batches for row in hf_call(b)]
 
     ours(), hf()
     ours_s, hf_s, a, b = [], [], None, None
@@ -307,12 +324,12 @@ def bench_hf(args, model, hf_model, prompts, device, speculative: bool) -> dict:
         ours_s.append(t)
         t, b = timed(hf, device, args.clock)
         hf_s.append(t)
-    new_tokens = len(prompts) * n
+    new_tokens = sum(len(batch) for batch in batches) * n
     return {
         "ours_tok_s": new_tokens / statistics.median(ours_s),
         "hf_tok_s": new_tokens / statistics.median(hf_s),
         "speedup": statistics.median(hf_s) / statistics.median(ours_s),
-        "identical": a.tokens == b[:, ids.shape[1] :].tolist(),
+        "identical": a == b,
     }
 
 
@@ -343,8 +360,8 @@ def main() -> None:
         )
         print("|---|---|---|---|---|---|---|---|")
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-            prompts = make_prompts(args, model, tokenizer, batch_size)
-            for name, r in bench_decoders(args, model, prompts, device, methods).items():
+            batches = make_prompt_batches(args, model, tokenizer, batch_size)
+            for name, r in bench_decoders(args, model, batches, device, methods).items():
                 acc = " / ".join(f"{a:.2f}" for a in r["acceptance"]) or "-"
                 print(
                     f"| {batch_size} | {name} | {r['tok_s']:.0f} | {r['tokens_per_forward']:.2f} | {acc} "
@@ -380,9 +397,9 @@ def main() -> None:
     print("| batch | ours | ours tok/s | transformers tok/s | ours / transformers | identical tokens |")
     print("|---|---|---|---|---|---|")
     for batch_size in [int(b) for b in args.hf_batch_sizes.split(",")]:
-        prompts = make_prompts(args, model, tokenizer, batch_size)
+        batches = make_prompt_batches(args, model, tokenizer, batch_size)
         for speculative in (False, True)[: 1 + (depth > 1)]:
-            r = bench_hf(args, model, hf_model, prompts, device, speculative)
+            r = bench_hf(args, model, hf_model, batches, device, speculative)
             print(
                 f"| {batch_size} | {'speculative' if speculative else 'plain'} | {r['ours_tok_s']:.0f} "
                 f"| {r['hf_tok_s']:.0f} | {r['speedup']:.2f}x | {r['identical']} |"

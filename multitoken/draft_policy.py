@@ -27,9 +27,10 @@ chain's cost relative to a plain step, or a shadow probe's extra cost). A probe 
 decoding is greedy, a shadow step: a plain step that also scores the first head's guess against
 the token it chooses, the same evidence at a fraction of the cost. Probing goes on while a
 one-draft chain would pay for itself, so one lucky guess is not all the evidence a predictable
-stretch of text gets. New text (`new_text`) is probed at its first step, and the statistics of
-earlier texts then weigh less (NEW_TEXT_WEIGHT): predictability varies more between texts than
-within one.
+stretch of text gets. New text (`new_text`) is probed at its first step where probes are cheap
+(NEW_TEXT_PROBE_MAX_EXTRA), and the statistics of earlier texts then weigh less (NEW_TEXT_WEIGHT):
+predictability varies more between texts than within one. A lone row's probe schedule then starts
+afresh; a static batch of several rows keeps its own.
 
 Every plan is lossless, so the choice changes speed only, never the output.
 """
@@ -72,6 +73,12 @@ FIRST_PROBE_INTERVAL = 32
 MAX_PROBE_INTERVAL = 256
 """Steps between probes, times the probe's cost (see `DraftPolicy._probe_spacing`); the interval
 doubles from FIRST to MAX while probes find nothing."""
+NEW_TEXT_PROBE_MAX_EXTRA = 0.5
+"""New text is probed at its first step only where a probe costs at most this share of a plain step
+beyond the step itself (shadow probes; one-draft chains where a block costs little more than one
+position). Costlier probes keep their schedule: the one-draft chain of random `tiny` transformer heads,
+whose cache must first catch up on the new prompt, cost 2.8 plain steps on a CPU, and one such probe
+per generate() call of 128 tokens cost 1.4% of the time."""
 SHADOW_PROBE_EXTRA = 0.25
 """Extra cost of a shadow probe, in plain steps, until its steps have been timed."""
 MIN_PROBE_EXTRA = 0.1
@@ -207,6 +214,8 @@ class DraftPolicy:
         self.probing = False
         self.probe_accepted = False
         """At the last probe a one-draft chain would have paid for itself: probe again next step."""
+        self.new_text_pending = False
+        """`new_text` was called and no step has been chosen since."""
         self.shadow_probes = False
         """Probe with shadow steps (a plain step scoring the first head's guess, `DraftPlan.shadow_probe`)
         instead of one-draft chains: for heads without a cache, in greedy decoding (generate sets it)."""
@@ -219,6 +228,7 @@ class DraftPolicy:
         """Recent measured step times by (plan, batch size)."""
         self._best_cache: tuple[int, DraftPlan] | None = None
         self._seconds_cache: dict[tuple[str, int], float | None] = {}
+        self._probe_cache: dict[tuple[int, bool, bool], tuple[bool, float, float]] = {}
         self._timed_steps = 0
         self._trees_stale = trees and n_heads > 0
         self.calibration_seconds = 0.0
@@ -275,20 +285,41 @@ class DraftPolicy:
         if self._trees_stale and self.steps % TREE_REFRESH_STEPS == 0:
             self._refresh_trees()
             self._trees_stale, self._best_cache = False, None
+            self._probe_cache.clear()
         self.steps += 1
         best = self._best(batch_size)
         self.probing = False
-        if best.n_heads == 0 and self.n_heads and self.drafting_could_pay(batch_size):
+        could_pay, spacing, extra = self._probe_terms(batch_size) if best.n_heads == 0 else (False, 0, 0)
+        if best.n_heads == 0 and self.n_heads and could_pay:
             self.steps_since_drafting += 1
-            due = self.steps_since_drafting >= self.probe_interval * self._probe_spacing(batch_size)
-            if due or self.probe_accepted:
+            new_text_probe = self.new_text_pending and extra <= NEW_TEXT_PROBE_MAX_EXTRA
+            if new_text_probe and self.margin(batch_size) == 1 + DRAFT_MARGIN:
+                # A lone row's new text may well draft: probe on the first schedule again. A static
+                # batch of several rows, which must promise more, keeps the spacing it learned.
+                self.probe_interval = FIRST_PROBE_INTERVAL
+            due = self.steps_since_drafting >= self.probe_interval * spacing
+            if due or self.probe_accepted or new_text_probe:
                 best, self.probing = self.shadow if self.shadow_probes else self.chains[1], True
                 self.steps_since_drafting = 0
         else:
             self.steps_since_drafting = 0
             self.probe_interval = FIRST_PROBE_INTERVAL
+        self.new_text_pending = False
         self.plan_counts[best.name] += 1
         return best
+
+    def _probe_terms(self, batch_size: int) -> tuple[bool, float, float]:
+        """(drafting_could_pay, _probe_spacing, _probe_extra) at this batch size, kept between cost
+        updates: a plain step would otherwise spend 1-2% of a small model's time recomputing them."""
+        key = (batch_size, self.static_batch, self.shadow_probes)
+        if key not in self._probe_cache:
+            terms = (
+                self.drafting_could_pay(batch_size),
+                self._probe_spacing(batch_size),
+                self._probe_extra(batch_size),
+            )
+            self._probe_cache[key] = terms
+        return self._probe_cache[key]
 
     def margin(self, batch_size: int) -> float:
         """How many times plain decoding's expected speed drafting must beat: 1 + DRAFT_MARGIN, divided
@@ -339,10 +370,12 @@ class DraftPolicy:
         return statistics.median(seen) / statistics.median(seen_plain)
 
     def new_text(self) -> None:
-        """New prompts may be more predictable: probe at once, then on the first schedule again, keeping
-        the statistics."""
-        self.probe_interval, self.steps_since_drafting = FIRST_PROBE_INTERVAL, 0
-        self.probe_accepted = True
+        """New prompts may be more predictable: probe at the first step where probes are cheap (a probe
+        that pays starts a streak), with the earlier texts' statistics weighing less. A lone row then
+        probes on the first schedule again; a static batch of several rows keeps the spacing earlier
+        texts taught (restarting it cost each batch-8 call of 128 tokens about five probes, 1% of its
+        time, for drafting that had to promise 1.71x)."""
+        self.new_text_pending = True
         self.stats.scale(NEW_TEXT_WEIGHT)
 
     def _probe_spacing(self, batch_size: int) -> float:
@@ -354,6 +387,12 @@ class DraftPolicy:
             return self._draft_cost(batch_size)
         ratio = self._measured_ratio(self.shadow.name, batch_size)
         return max(MIN_PROBE_EXTRA, ratio - 1 if ratio is not None else SHADOW_PROBE_EXTRA)
+
+    def _probe_extra(self, batch_size: int) -> float:
+        """What a probe costs beyond a plain step, in plain steps (it commits a token as a plain step does)."""
+        if self.shadow_probes:
+            return self._probe_spacing(batch_size)
+        return self._draft_cost(batch_size) - 1
 
     def _draft_cost(self, batch_size: int) -> float:
         """A one-draft chain's cost relative to a plain step."""
@@ -376,6 +415,7 @@ class DraftPolicy:
             self._timed_steps += 1
             if self._timed_steps % COST_REFRESH_STEPS == 0:  # costs are re-read now and then
                 self._seconds_cache.clear()
+                self._probe_cache.clear()
                 self._best_cache = None
         self.probe_accepted = False
         if not any(record.reached_J):  # no row reached a draft: no evidence (plain steps, last tokens)

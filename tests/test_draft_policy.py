@@ -9,7 +9,13 @@ from test_generate import PROMPTS, agreeing_model
 from test_speculative import PARAMS, chi2_pvalue, exact_laws, make_stub, peaky, sample_counts
 
 from multitoken.decoding import DraftPlan, StepRecord
-from multitoken.draft_policy import OBSERVED_MIN, DraftPolicy, expected_chain_tokens, expected_tree_tokens
+from multitoken.draft_policy import (
+    FIRST_PROBE_INTERVAL,
+    OBSERVED_MIN,
+    DraftPolicy,
+    expected_chain_tokens,
+    expected_tree_tokens,
+)
 from multitoken.draft_tree import DraftTree
 from multitoken.generate import generate, shared_policy
 from multitoken.step_costs import StepCosts, step_clock
@@ -222,6 +228,47 @@ def test_new_text_is_probed_at_its_first_step():
     assert plans[0] == "chain1" and plans[1:5] == ["plain"] * 4  # rejected: no streak
 
 
+def probe_steps(policy, batch_size: int, n_steps: int) -> list[int]:
+    """Steps (of n_steps chosen by the policy) that probed; every probe's drafts rejected."""
+    probes = []
+    for step in range(n_steps):
+        plan = policy.choose(batch_size)
+        if plan.n_drafts:
+            probes.append(step)
+            rows = [[0]] * batch_size
+            policy.observe(
+                StepRecord(plan, rows, [0] * batch_size, [batch_size], [0], [batch_size]), batch_size
+            )
+    return probes
+
+
+def test_new_text_restarts_the_probe_schedule_for_a_lone_row_only():
+    """Probes that found nothing spread out. New text is probed at once; a lone row then probes on the
+    first schedule again (its text may well draft), while generate()'s static batch of 8 rows, where
+    drafting must promise 1.71x, keeps the spacing earlier texts taught."""
+    for batch_size, static in ((1, False), (8, True)):
+        policy = stub_policy(costs={batch_size: CPU_COSTS[1]})
+        policy.static_batch = static
+        probes = probe_steps(policy, batch_size, 1500)
+        assert (
+            policy.probe_interval > 2 * FIRST_PROBE_INTERVAL
+            and probes[-1] - probes[-2] > 2 * FIRST_PROBE_INTERVAL
+        )
+        policy.new_text()
+        probes = probe_steps(policy, batch_size, 4 * FIRST_PROBE_INTERVAL)  # spacing then 64 x 1.35 (lone)
+        assert probes[0] == 0 and len(probes) == (1 if static else 2)
+
+
+def test_new_text_is_probed_at_once_only_where_a_probe_is_cheap():
+    """A probe costing 0.35 plain steps more is spent on new text at once; one costing 1.8 (cached heads
+    catching up on a new prompt) is not: a short call would pay it every time."""
+    for chain1, at_once in ((1.35, True), (2.8, False)):
+        policy = stub_policy(costs={1: {"plain": 1.0, "chain1": chain1, "chain2": 1.5, "chain3": 1.6}})
+        policy.new_text()
+        assert (policy.choose(1).name == "chain1") == at_once
+        assert policy.choose(1).name == "plain"
+
+
 def test_a_step_ages_only_the_heads_it_used():
     """Deep heads seen right keep their record through a stretch of one-draft chains."""
     policy = stub_policy()
@@ -265,8 +312,11 @@ def test_a_probe_that_costs_more_than_it_gains_does_not_go_on():
     for _ in range(20):
         policy.observe(chain1_record(True), 1)
     assert policy.choose(1).name == "plain"  # accepted, yet not worth it
-    policy.new_text()
-    assert policy.choose(1).name == "chain1"  # the new-text probe
+    policy.new_text()  # a probe costing 1.5 plain steps more is not spent on new text at once
+    plans = [policy.choose(1).name]
+    while plans[-1] != "chain1":
+        plans.append(policy.choose(1).name)
+    assert len(plans) > FIRST_PROBE_INTERVAL  # on schedule: 32 x 2.5 steps after the last
     policy.observe(chain1_record(True), 1)
     assert policy.choose(1).name == "plain"
 
@@ -279,8 +329,7 @@ def test_heads_that_cannot_pay_even_when_always_right_are_never_probed():
     policy.new_text()
     assert [policy.choose(1).name for _ in range(400)] == ["plain"] * 400
     policy = stub_policy(costs={1: {**costs[1], "chain3": 3.2}})  # now 4 tokens could pay for 3.2
-    policy.new_text()
-    assert policy.choose(1).name == "chain1"
+    assert "chain1" in [policy.choose(1).name for _ in range(400)]
 
 
 def test_generate_decodes_plainly_without_the_policy_where_no_plan_could_pay():
