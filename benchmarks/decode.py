@@ -186,8 +186,9 @@ def bench_decoders(args, model, batches, device, methods: dict[str, dict]) -> di
         run(kwargs)  # warm-up (and compilation)
     seconds = {name: [] for name in methods}
     outputs = {}
-    for _ in range(args.repeats):
-        for name, kwargs in methods.items():
+    order = list(methods.items())
+    for repeat in range(args.repeats):  # the order flips every repeat: no method always follows another
+        for name, kwargs in order if repeat % 2 == 0 else order[::-1]:
             t, outputs[name] = timed(lambda kwargs=kwargs: run(kwargs), device, args.clock)
             seconds[name].append(t)
     plain_s = statistics.median(seconds["plain"])

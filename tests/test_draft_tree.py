@@ -200,7 +200,7 @@ def test_generate_cli_draft_tree(monkeypatch, capsys, tmp_path):
         generate_cli("ckpt", draft_tree="3,2", speculative="off", **args)
 
 
-@pytest.mark.parametrize("style", ["transformer", "linear"])
+@pytest.mark.parametrize("style", ["transformer", "linear", "conditioned"])
 def test_tree_sampling_law(style):
     """Sampling through a tree draws (x1, x2) and (x2, x3) with plain sampling's exact law."""
     model = peaky(style)

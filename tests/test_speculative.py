@@ -275,7 +275,13 @@ def sample_counts(model, speculative, n=4000, seed=0, **kwargs):
 
 @pytest.mark.parametrize(
     ("style", "speculative"),
-    [("transformer", False), ("transformer", True), ("sequential", True), ("linear", True)],
+    [
+        ("transformer", False),
+        ("transformer", True),
+        ("sequential", True),
+        ("linear", True),
+        ("conditioned", True),
+    ],
 )
 def test_sampling_law(style, speculative):
     model = peaky(style)
