@@ -289,8 +289,9 @@ class DraftPolicy:
         self.steps += 1
         best = self._best(batch_size)
         self.probing = False
-        could_pay, spacing, extra = self._probe_terms(batch_size) if best.n_heads == 0 else (False, 0, 0)
-        if best.n_heads == 0 and self.n_heads and could_pay:
+        plain_now = best.n_heads == 0 and self.n_heads > 0
+        could_pay, spacing, extra = self._probe_terms(batch_size) if plain_now else (False, 0.0, 0.0)
+        if could_pay:
             self.steps_since_drafting += 1
             new_text_probe = self.new_text_pending and extra <= NEW_TEXT_PROBE_MAX_EXTRA
             if new_text_probe and self.margin(batch_size) == 1 + DRAFT_MARGIN:

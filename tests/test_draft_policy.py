@@ -393,3 +393,9 @@ def test_a_static_batch_of_several_rows_drafts_only_for_a_larger_gain():
         for _ in range(30):
             policy.observe(evidence, batch_size)
         assert (policy.choose(batch_size).n_heads > 0) == drafts, (static, batch_size)
+
+
+def test_a_policy_without_drafting_heads_decodes_plainly():
+    policy = stub_policy(n_heads=0, costs={1: {"plain": 1.0}})
+    policy.new_text()
+    assert [policy.choose(1).name for _ in range(50)] == ["plain"] * 50
