@@ -15,12 +15,10 @@ from statistics import median
 from unittest import mock
 
 import torch
-from common import add_random_model_args, machine_description, markdown_table, today
+from common import add_random_model_args, machine_description, markdown_table, random_model, today
 
-from multitoken.config import preset_config
 from multitoken.decoding import DecodeBatch
 from multitoken.generate import generate
-from multitoken.model import MultiTokenLM
 from multitoken.studies.measure import interleaved_times, paired_ratio
 
 
@@ -38,9 +36,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model = MultiTokenLM(preset_config(args.preset, vocab_size=args.vocab_size, n_future=1)).eval()
+    model = random_model(args, n_future=1)
     rows = []
     for new in (int(v) for v in args.max_new_tokens.split(",")):
         if args.prompt_len + new > model.config.max_seq_len:

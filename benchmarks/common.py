@@ -11,6 +11,8 @@ import datetime
 
 import torch
 
+from multitoken.config import preset_config
+from multitoken.model import MultiTokenLM
 from multitoken.studies.measure import cpu_model_name
 from multitoken.studies.report import format_table
 
@@ -41,3 +43,11 @@ def add_random_model_args(parser: argparse.ArgumentParser, preset: str, vocab_si
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def random_model(args: argparse.Namespace, **overrides) -> MultiTokenLM:
+    """The random model of `add_random_model_args`' flags, in eval mode, with torch's threads and seed set
+    from them (`overrides`: other ModelConfig fields, e.g. n_future)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return MultiTokenLM(preset_config(args.preset, vocab_size=args.vocab_size, **overrides)).eval()

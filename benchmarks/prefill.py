@@ -11,11 +11,9 @@ import argparse
 from statistics import median
 
 import torch
-from common import add_random_model_args, machine_description, markdown_table, today
+from common import add_random_model_args, machine_description, markdown_table, random_model, today
 
-from multitoken.config import preset_config
 from multitoken.generate import generate
-from multitoken.model import MultiTokenLM
 from multitoken.studies.measure import interleaved_times
 
 
@@ -30,9 +28,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model = MultiTokenLM(preset_config(args.preset, vocab_size=args.vocab_size, n_future=1)).eval()
+    model = random_model(args, n_future=1)
     prompts = {
         T: torch.randint(0, args.vocab_size, (1, T)).tolist() for T in map(int, args.prompt_lens.split(","))
     }

@@ -37,6 +37,7 @@ def restyled_config(config: ModelConfig, head_style: str) -> ModelConfig:
 
 
 def is_drafting_head(name: str) -> bool:
+    """Whether parameter `name` belongs to a head other than the next-token head (heads.0)."""
     return name.startswith("heads.") and not name.startswith("heads.0.")
 
 
@@ -64,4 +65,4 @@ def load_with_new_heads(model: MultiTokenLM, ckpt: str | Path) -> None:
             head.proj.weight.copy_(weight_OI[:, :dim])
 
 
-__all__ = ["RESIDUAL_HEAD_STYLES", "load_with_new_heads", "restyled_config"]
+__all__ = ["RESIDUAL_HEAD_STYLES", "is_drafting_head", "load_with_new_heads", "restyled_config"]

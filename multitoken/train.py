@@ -27,7 +27,7 @@ from multitoken.errors import UserError
 from multitoken.files import check_output_parent, read_json
 from multitoken.loss import IGNORE_INDEX, build_targets, head_metrics, multi_token_backward
 from multitoken.model import Block, MultiTokenLM
-from multitoken.restyle_heads import load_with_new_heads, restyled_config
+from multitoken.restyle_heads import is_drafting_head, load_with_new_heads, restyled_config
 from multitoken.train_log import check_metrics
 
 TRAIN_CONFIG = "train_config.json"
@@ -262,7 +262,7 @@ def _compile_blocks(model: MultiTokenLM) -> None:
 def freeze_next_token_path(model: MultiTokenLM) -> None:
     """Stop gradients to every parameter the next-token logits depend on; only extra heads stay trainable."""
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith("heads.") and not name.startswith("heads.0."))
+        param.requires_grad_(is_drafting_head(name))
 
 
 class NonFiniteLoss(UserError):
