@@ -219,22 +219,33 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step_operations(model, batch_size: int) -> dict[str, int]:
-    """Tensor operations of one decoding step per chain length (each step makes one host sync)."""
+def record_each_plan(
+    model, batch_size: int, mode_factory, prompt_len: int = 4
+) -> dict[str, TorchDispatchMode]:
+    """One decoding step per chain length, each run inside a fresh `mode_factory()` dispatch mode after
+    a step of the same plan (drafting heads caught up, caches warm), `prompt_len` tokens into the text:
+    {plan name: its mode}."""
     depth = draft_depth(model.config)
-    batch = DecodeBatch(model, batch_size, min(128, model.config.max_seq_len))
-    counts = {}
+    cache_len = min(prompt_len + 2 * depth + 2, model.config.max_seq_len)
+    batch = DecodeBatch(model, batch_size, cache_len)
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len)).tolist()
+    modes = {}
     try:
-        prefill(batch, [[1, 2, 3, 4]] * batch_size)
         for k in range(depth):
+            prefill(batch, prompts)
             plan = DraftPlan.chain(k)
-            decode_step(batch, plan, [depth] * batch_size)  # drafting heads caught up
-            with _OpCounter() as counter:
+            decode_step(batch, plan, [depth] * batch_size)
+            with mode_factory() as mode:
                 decode_step(batch, plan, [depth] * batch_size)
-            counts[plan.name] = counter.count
+            modes[plan.name] = mode
     finally:
         batch.close()
-    return counts
+    return modes
+
+
+def step_operations(model, batch_size: int) -> dict[str, int]:
+    """Tensor operations of one decoding step per chain length (each step makes one host sync)."""
+    return {name: counter.count for name, counter in record_each_plan(model, batch_size, _OpCounter).items()}
 
 
 def bench_step_costs(model, batch_size: int, repeats: int, device: str, clock: str) -> dict[str, float]:

@@ -22,10 +22,9 @@ import statistics
 
 import torch
 from common import add_random_model_args, machine_description, markdown_table, random_model, today
-from decode import bench_step_costs, timed
+from decode import bench_step_costs, record_each_plan, timed
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from multitoken.decoding import DecodeBatch, DraftPlan, decode_step, prefill
 from multitoken.speculative import draft_depth
 
 ARITHMETIC_OPS = frozenset(
@@ -78,20 +77,8 @@ def parse_args() -> argparse.Namespace:
 def record_steps(model, batch_size: int, position: int) -> dict[str, list[tuple]]:
     """The arithmetic calls of one decoding step per chain length, `position` tokens into each row."""
     depth = draft_depth(model.config)
-    batch = DecodeBatch(model, batch_size, min(position + 2 * depth + 2, model.config.max_seq_len))
-    prompts = torch.randint(0, model.config.vocab_size, (batch_size, position - depth - 1)).tolist()
-    calls = {}
-    try:
-        for k in range(depth):
-            prefill(batch, prompts)
-            plan = DraftPlan.chain(k)
-            decode_step(batch, plan, [depth] * batch_size)  # the same plan once before: caches warm
-            with _ArithmeticRecorder() as recorder:
-                decode_step(batch, plan, [depth] * batch_size)
-            calls[plan.name] = recorder.calls
-    finally:
-        batch.close()
-    return calls
+    recorders = record_each_plan(model, batch_size, _ArithmeticRecorder, prompt_len=position - depth - 1)
+    return {name: recorder.calls for name, recorder in recorders.items()}
 
 
 def replay_seconds(calls: dict[str, list[tuple]], repeats: int, device: str, clock: str) -> dict[str, float]:
