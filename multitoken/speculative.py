@@ -86,20 +86,6 @@ def accept_sampled(
     return n_accepted_B, sample(dist_BV, generator)
 
 
-def parallel_draft_logits(
-    model, h_BTD: Tensor, rope, last_B: Tensor, depth: int, head_states: list[Tensor] | None = None
-) -> Tensor:
-    """Logits (B, depth - 1, V) of the parallel heads with offsets 2..depth at block position `last_B`.
-
-    `head_states` may hold those heads' outputs over the block already; otherwise they run over the whole
-    block, which also fills their KV caches.
-    """
-    if head_states is None:
-        head_states = [model.head_forward(i, h_BTD, rope) for i in range(1, depth)]
-    rows_B = torch.arange(h_BTD.shape[0], device=h_BTD.device)
-    return model.logits(torch.stack([z_BTD[rows_B, last_B] for z_BTD in head_states], dim=1))
-
-
 def propose_drafts(
     model,
     h_BTD: Tensor,
@@ -110,38 +96,30 @@ def propose_drafts(
     depth: int,
     params: SamplingParams,
     generator: torch.Generator | None,
-    head_states: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Drafts for the depth - 1 tokens after `next_B`, from the heads at block position `last_B`.
+    """Sequential heads' drafts for the depth - 1 tokens after `next_B`, from block position `last_B`.
 
     `h_BTD` is the trunk output over the block `tokens_BT`, `last_B` each row's last accepted block
-    position and `next_B` the token chosen after it by the next-token head. Parallel heads (transformer,
-    linear) read the trunk output; `head_states` may hold their outputs over the block already. Sequential
-    heads run as a chain over the whole block, head k taking head k-1's output and the token k steps
-    ahead: the accepted block tokens, then `next_B`, then the drafts chosen so far. Running every head
-    over the whole block also writes its KV cache at each position the block commits. (A sequential
-    head's entry at position t is built from the token at t + k, which is still a draft when t is among
-    the last k - 1 committed positions; those entries are not rewritten later. This can only change how
-    good later drafts are, never the verified output.)
+    position and `next_B` the token chosen after it by the next-token head. The heads run as a chain
+    over the whole block, head k taking head k-1's output and the token k steps ahead: the accepted
+    block tokens, then `next_B`, then the drafts chosen so far. Running every head over the whole block
+    also writes its KV cache at each position the block commits. (A head's entry at position t is built
+    from the token at t + k, which is still a draft when t is among the last k - 1 committed positions;
+    those entries are not rewritten later. This can only change how good later drafts are, never the
+    verified output.) Parallel heads draft in one unembedding call instead (`decoding._draft`).
 
     Returns (drafts_BJ, q_BJV): the drafts and, when sampling, the distributions they were drawn from.
     """
+    if model.config.head_style != "sequential":
+        raise ValueError(f"propose_drafts chains sequential heads, not {model.config.head_style} ones")
     B, T = tokens_BT.shape
-    rows_B = torch.arange(B, device=tokens_BT.device)
-    sequential = model.config.head_style == "sequential"
-    if sequential:
-        # Tokens at block positions 0 .. T + depth - 1, with next_B written just after the last accepted one.
-        ext_BX = torch.cat([tokens_BT, tokens_BT.new_zeros(B, depth)], dim=1)
-        ext_BX[rows_B, last_B + 1] = next_B
-        z_BTD = h_BTD  # the sequential style's next-token head is the trunk output itself
     if depth < 2:
         return tokens_BT.new_zeros(B, 0), None
-    if not sequential:
-        # Parallel heads draft independently: one unembedding and one choice for all of them.
-        logits_BJV = parallel_draft_logits(model, h_BTD, rope, last_B, depth, head_states)
-        drafts_BJ, q_XV = choose(logits_BJV.flatten(0, 1), params, generator)
-        q_BJV = None if params.greedy else q_XV.view(B, depth - 1, -1)
-        return drafts_BJ.view(B, depth - 1), q_BJV
+    rows_B = torch.arange(B, device=tokens_BT.device)
+    # Tokens at block positions 0 .. T + depth - 1, with next_B written just after the last accepted one.
+    ext_BX = torch.cat([tokens_BT, tokens_BT.new_zeros(B, depth)], dim=1)
+    ext_BX[rows_B, last_B + 1] = next_B
+    z_BTD = h_BTD  # the sequential style's next-token head is the trunk output itself
     drafts, dists = [], []
     for i in range(1, depth):
         z_BTD = model.head_forward(i, z_BTD, rope, ext_BX[:, i : i + T])
@@ -153,4 +131,4 @@ def propose_drafts(
     return torch.stack(drafts, dim=1), q_BJV
 
 
-__all__ = ["accept_greedy", "accept_sampled", "draft_depth", "parallel_draft_logits", "propose_drafts"]
+__all__ = ["accept_greedy", "accept_sampled", "draft_depth", "propose_drafts"]
