@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU: the gpu-marked tests (bf16 autocast, compiled training, CUDA-graph
-# decoding, fused attention kernels), training throughput and MFU for 125m, and decoding speed with the
-# share of memory bandwidth used. Figures go to BENCHMARKS.md.
+# decoding, fused attention kernels), training throughput and MFU for 125m, decoding speed with the
+# share of memory bandwidth used, and what a speculative step costs against a plain one on the demo
+# model's shape (the step table; random weights, which do not change a step's cost). Figures go to
+# BENCHMARKS.md.
 #
 #   bash benchmarks/gpu_checks.sh [peak bf16 TFLOP/s, default 989 (H100/H200 SXM)] [peak GB/s, default 3350]
 #
-# STEPS picks the steps (default all: tests,train,decode), so that each can run as its own command
+# STEPS picks the steps (default all: tests,train,decode,steps), so that each can run as its own command
 # where one command has a time limit: STEPS=tests bash benchmarks/gpu_checks.sh. A failing step does
 # not stop the later ones; the script exits non-zero if any failed.
 set -uo pipefail
@@ -13,7 +15,7 @@ PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || make venv || exit 1  # with CUDA present, the venv reuses the machine's torch
 PEAK_TFLOPS=${1:-989}
 PEAK_GBS=${2:-3350}
-STEPS=${STEPS:-tests,train,decode}
+STEPS=${STEPS:-tests,train,decode,steps}
 failed=()
 step() {  # step NAME COMMAND...: run it if STEPS names it
     [[ ",$STEPS," == *",$1,"* ]] || return 0
@@ -27,6 +29,8 @@ step train $PY benchmarks/train_step.py --device cuda --dtype bfloat16 --compile
 step decode $PY benchmarks/decode.py --device cuda --dtype bfloat16 --compile --preset 125m --n-future 4 \
     --head-style linear --vocab-size 32000 --batch-sizes 1,8 --hf-batch-sizes 1,8 --max-new-tokens 128 \
     --repeats 5 --peak-bandwidth-gbs "$PEAK_GBS"
+step steps $PY benchmarks/decode.py --device cuda --preset tiny --vocab-size 4096 --n-future 4 \
+    --head-style conditioned --batch-sizes 1,8 --max-new-tokens 128 --repeats 5 --no-hf
 if ((${#failed[@]})); then
     echo "failed: ${failed[*]}"
     exit 1
