@@ -74,6 +74,25 @@ class GenerationStats:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def count_drafts(
+        self, proposed_J: Sequence[int], reached_J: Sequence[int], accepted_J: Sequence[int]
+    ) -> None:
+        """Add a step's (or a call's) draft counts, per drafting head."""
+        for j in range(len(reached_J)):
+            self.drafts_proposed[j] += proposed_J[j]
+            self.drafts_reached[j] += reached_J[j]
+            self.drafts_accepted[j] += accepted_J[j]
+
+    def derive(self) -> GenerationStats:
+        """Fill in the fields computed from the counters: tokens_per_forward, acceptance_per_head and
+        tokens_per_s."""
+        self.tokens_per_forward = self.new_tokens / max(self.row_forwards, 1)
+        self.acceptance_per_head = [
+            a / r if r else 0.0 for a, r in zip(self.drafts_accepted, self.drafts_reached, strict=True)
+        ]
+        self.tokens_per_s = self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+        return self
+
 
 @dataclass
 class GenerationResult:
@@ -359,24 +378,18 @@ def generate(
             plans[plan.name] += 1
             stats.forward_passes += 1
             stats.row_forwards += sum(r > 0 for r in budget)
-            for j in range(len(record.reached_J) if not plan.shadow else 0):  # shadow guesses: not drafts
-                stats.drafts_proposed[j] += record.proposed_J[j]
-                stats.drafts_reached[j] += record.reached_J[j]
-                stats.drafts_accepted[j] += record.accepted_J[j]
+            if not plan.shadow:  # a shadow probe's guesses are not drafts
+                stats.count_drafts(record.proposed_J, record.reached_J, record.accepted_J)
             _emit(rows, record, on_tokens, live)
             live = _still_running(batch, rows, live)
     finally:
         batch.close()
 
     stats.new_tokens = sum(row.generated for row in rows)
-    stats.tokens_per_forward = stats.new_tokens / max(stats.row_forwards, 1)
-    stats.acceptance_per_head = [
-        a / r if r else 0.0 for a, r in zip(stats.drafts_accepted, stats.drafts_reached, strict=True)
-    ]
     stats.plans = dict(plans)
     stats.calibration_seconds = calibration
     stats.seconds = time.perf_counter() - start_time
-    stats.tokens_per_s = stats.new_tokens / stats.seconds if stats.seconds > 0 else 0.0
+    stats.derive()
     tokens = [row.tokens for row in rows]
     text = [tokenizer.decode(t) for t in tokens] if tokenizer is not None else None
     logits = (
@@ -427,18 +440,10 @@ def merge_stats(parts: Sequence[GenerationStats]) -> GenerationStats:
         total.forward_passes += part.forward_passes
         total.row_forwards += part.row_forwards
         total.seconds += part.seconds
-        for j in range(n):
-            total.drafts_proposed[j] += part.drafts_proposed[j]
-            total.drafts_reached[j] += part.drafts_reached[j]
-            total.drafts_accepted[j] += part.drafts_accepted[j]
-    total.tokens_per_forward = total.new_tokens / max(total.row_forwards, 1)
-    total.acceptance_per_head = [
-        a / r if r else 0.0 for a, r in zip(total.drafts_accepted, total.drafts_reached, strict=True)
-    ]
-    total.tokens_per_s = total.new_tokens / total.seconds if total.seconds > 0 else 0.0
+        total.count_drafts(part.drafts_proposed, part.drafts_reached, part.drafts_accepted)
     total.plans = dict(sum((Counter(part.plans) for part in parts), Counter()))
     total.calibration_seconds = sum(part.calibration_seconds for part in parts)
-    return total
+    return total.derive()
 
 
 def format_stats(stats: GenerationStats) -> str:
