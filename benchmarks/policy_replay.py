@@ -26,8 +26,9 @@ import torch
 from common import machine_description, markdown_table, today
 
 from multitoken.checkpoint import load_checkpoint
+from multitoken.config import RESIDUAL_HEAD_STYLES
 from multitoken.data.prompts import code_prompts
-from multitoken.decoding import RANKS_TRACKED, UNCACHED_HEAD_STYLES, DraftPlan, StepRecord
+from multitoken.decoding import RANKS_TRACKED, DraftPlan, StepRecord
 from multitoken.draft_policy import DraftPolicy
 from multitoken.generate import adaptive_policy, generate
 from multitoken.step_costs import batch_bucket
@@ -159,7 +160,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint, device="cpu")
     model = model.eval()
-    if model.config.head_style not in UNCACHED_HEAD_STYLES or model.config.n_future < 2:
+    if model.config.head_style not in RESIDUAL_HEAD_STYLES or model.config.n_future < 2:
         raise SystemExit("replay needs drafting heads without a cache (linear or medusa)")
     prompts = [tokenizer.encode(p) for p in code_prompts(args.code_prompts_from, args.n_prompts)]
     recorded = [record_ranks(model, ids, args.max_new_tokens) for ids in prompts]

@@ -15,6 +15,9 @@ from multitoken.errors import UserError, check_at_least
 
 HeadStyle = Literal["transformer", "linear", "sequential", "medusa", "conditioned"]
 HEAD_STYLES = ("transformer", "linear", "sequential", "medusa", "conditioned")
+RESIDUAL_HEAD_STYLES = ("linear", "medusa", "conditioned")
+"""Styles whose next-token head is the trunk output itself and whose drafting heads are x + SiLU(W u + b),
+without attention: nothing to cache, and they stack into one matmul (`multitoken.draft_heads`)."""
 
 
 @dataclass
@@ -304,4 +307,4 @@ def preset_config(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig.from_dict(values)
 
 
-__all__ = ["HEAD_STYLES", "PRESETS", "ModelConfig", "preset_config"]
+__all__ = ["HEAD_STYLES", "PRESETS", "RESIDUAL_HEAD_STYLES", "ModelConfig", "preset_config"]

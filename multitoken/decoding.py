@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from multitoken.config import RESIDUAL_HEAD_STYLES
 from multitoken.cpu_linear import pack_linears, unpack_linears
 from multitoken.draft_tree import (
     TreeTensors,
@@ -44,9 +45,6 @@ from multitoken.draft_tree import (
 from multitoken.sampling import RowSampling, SamplingParams, choose
 from multitoken.speculative import accept_greedy, accept_sampled, draft_depth, propose_drafts
 
-UNCACHED_HEAD_STYLES = ("linear", "medusa", "conditioned")
-"""Drafting heads without attention: they read the trunk output at the last position (and, conditioned,
-the pending token), no KV cache."""
 CATCH_UP_WINDOW = 32
 """Most positions a cached drafting head catches up on before it drafts again."""
 RANKS_TRACKED = 8
@@ -141,7 +139,9 @@ class DecodeBatch:
         self.model, self.capacity, self.cache_len, self.extra_slots = model, capacity, cache_len, extra_slots
         self.device = next(model.parameters()).device
         self.n_heads = draft_depth(model.config) - 1
-        self.cached_heads = model.config.head_style not in UNCACHED_HEAD_STYLES
+        # Residual heads have no attention: they read the trunk output at the last committed position
+        # (conditioned ones the pending token too) and keep no cache.
+        self.cached_heads = model.config.head_style not in RESIDUAL_HEAD_STYLES
         self.sequential = model.config.head_style == "sequential"
         # Real positions stay below cache_len - 1: padding and finished rows write to that spare slot.
         self.scratch = cache_len - 1
@@ -464,8 +464,7 @@ def _draft(batch: DecodeBatch, plan: DraftPlan, n: int, sampling):
     model, k = batch.model, plan.n_heads
     if batch.history == "last":
         # heads without a cache read the last committed position (conditioned ones the pending token too)
-        h_BD, next_B = batch.h_last_BD[:n], batch.next_B[:n]
-        z_BJD = torch.stack([model.head_forward(i, h_BD, None, next_B) for i in range(1, k + 1)], 1)
+        z_BJD = model.drafting_states(batch.h_last_BD[:n], batch.next_B[:n], k)
     else:
         pos_BG, last_B = _catch_up_block(batch, k, n)
         rows_B1 = torch.arange(n, device=batch.device).unsqueeze(1)

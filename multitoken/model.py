@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multitoken.config import ModelConfig
+from multitoken.draft_heads import FusedDraftHeads
 
 
 class RMSNorm(nn.Module):
@@ -408,6 +409,12 @@ class MultiTokenLM(nn.Module):
                 raise ValueError(f"a {self.config.head_style} head needs the tokens it reads (head_tokens)")
             return head(h_BTD, self.tok_embeddings(next_tokens_BT), rope)
         return head(h_BTD, rope)
+
+    def drafting_states(self, h_BD: Tensor, next_B: Tensor, n: int) -> Tensor:
+        """z_BJD: drafting heads 1..n of a residual style at one position per row, from the trunk output
+        there and the pending token after it; each is head_forward(j, h_BD, None, next_B), computed
+        for all n heads in one stacked matmul (`multitoken.draft_heads`)."""
+        return FusedDraftHeads.for_model(self).states(h_BD, next_B, n)
 
     def head_tokens(self, index: int, tokens_BT: Tensor) -> Tensor | None:
         """The tokens head `index` reads at each position of the sequence `tokens_BT`, if any: those at

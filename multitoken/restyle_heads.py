@@ -16,12 +16,9 @@ from pathlib import Path
 import torch
 
 from multitoken.checkpoint import CONFIG, plain_module, read_weights
-from multitoken.config import ModelConfig
+from multitoken.config import RESIDUAL_HEAD_STYLES, ModelConfig
 from multitoken.errors import UserError
 from multitoken.model import MultiTokenLM
-
-RESIDUAL_HEAD_STYLES = ("linear", "medusa", "conditioned")
-"""Styles whose next-token head is the trunk output itself and whose drafting heads are x + SiLU(W x')."""
 
 
 def restyled_config(config: ModelConfig, head_style: str) -> ModelConfig:
@@ -65,4 +62,4 @@ def load_with_new_heads(model: MultiTokenLM, ckpt: str | Path) -> None:
             head.proj.weight.copy_(weight_OI[:, :dim])
 
 
-__all__ = ["RESIDUAL_HEAD_STYLES", "is_drafting_head", "load_with_new_heads", "restyled_config"]
+__all__ = ["is_drafting_head", "load_with_new_heads", "restyled_config"]

@@ -76,6 +76,9 @@ class OracleStub(nn.Module):
             z_BTD[..., 3] |= (next_tokens_BT != self.seq_BS[row, pos + index]).long()
         return z_BTD
 
+    def drafting_states(self, h_BD, next_B, n):
+        return torch.stack([self.head_forward(j, h_BD, None, next_B) for j in range(1, n + 1)], dim=1)
+
     def logits(self, z_XD):
         row, pos, head, wrong = z_XD.unbind(-1)
         S = self.seq_BS.shape[1]
