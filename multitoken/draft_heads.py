@@ -7,7 +7,7 @@ committed position,
 
 and a step that drafts with heads 1..n runs them all on the same x and u. Stacking their weights
 W = [W_1; ...; W_n] turns n small matmuls (and n embedding lookups, concatenations, SiLUs and adds)
-into one of each: a three-draft step's drafting costs a third less on a CPU (BENCHMARKS.md, sixth
+into one of each: a three-draft step's drafting costs a quarter less on a CPU (BENCHMARKS.md, sixth
 pass). `model.head_forward` stays the reference that tests hold this to.
 
 Dimension letters: B rows, D model width, J drafting heads, X head input width (D, or 2D conditioned).
@@ -38,8 +38,7 @@ class FusedDraftHeads:
                 f"{model.config.head_style} heads cannot be fused: they are not x + SiLU(W u + b)"
             )
         self.style = model.config.head_style
-        self.projections = [head.proj for head in model.heads[1:]]
-        self.norm, self.tok_embeddings = model.norm, model.tok_embeddings
+        self.heads, self.norm, self.tok_embeddings = model.heads, model.norm, model.tok_embeddings
         self._stacked: tuple[Tensor, Tensor | None] | None = None
         self._key: tuple | None = None
 
@@ -53,11 +52,12 @@ class FusedDraftHeads:
 
     def _weights(self) -> tuple[Tensor, Tensor | None]:
         """(W_JD_X, b_JD): every drafting head's weight and bias, stacked, remade if one changed."""
-        params = [p for proj in self.projections for p in (proj.weight, proj.bias) if p is not None]
+        projections = [head.proj for head in self.heads[1:]]  # read anew: a head may have been replaced
+        params = [p for proj in projections for p in (proj.weight, proj.bias) if p is not None]
         key = tuple((p._version, p.data_ptr()) for p in params)
         if key != self._key:
-            weight = torch.cat([proj.weight.detach() for proj in self.projections])
-            biases = [proj.bias for proj in self.projections]
+            weight = torch.cat([proj.weight.detach() for proj in projections])
+            biases = [proj.bias for proj in projections]
             bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
             self._stacked, self._key = (weight, bias), key
         return self._stacked

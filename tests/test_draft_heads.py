@@ -30,7 +30,8 @@ def test_stacked_heads_equal_each_head_on_its_own(style):
 
 
 def test_stacked_heads_follow_changed_weights():
-    """Training in place and loading new weights between generations both reach the stacked copy."""
+    """Training in place, loading new weights and replacing a head between generations all reach the
+    stacked copy."""
     model = tiny_model(head_style="conditioned", n_future=4).eval()
     fused = FusedDraftHeads.for_model(model)
     assert FusedDraftHeads.for_model(model) is fused
@@ -44,6 +45,8 @@ def test_stacked_heads_follow_changed_weights():
         torch.testing.assert_close(after_step[:, :2], before[:, :2])
         state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
         model.load_state_dict(state)
+        torch.testing.assert_close(fused.states(h_BD, next_B, 3), reference_states(model, h_BD, next_B, 3))
+        model.heads[2] = type(model.heads[2])(model.config)  # a head replaced by a new one
         torch.testing.assert_close(fused.states(h_BD, next_B, 3), reference_states(model, h_BD, next_B, 3))
 
 
