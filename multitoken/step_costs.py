@@ -50,10 +50,10 @@ def batch_bucket(batch_size: int) -> int:
     return 1 << max(batch_size - 1, 0).bit_length()
 
 
-COST_MODEL_VERSION = 4
+COST_MODEL_VERSION = 5
 """Bumped when decoding steps change cost or the way they are timed (2: attention over the cache
-slots in use; 3: the wall clock with several CPU threads; 4: oneDNN for blocks of rows on a CPU), so that costs cached by an earlier
-version are measured again."""
+slots in use; 3: the wall clock with several CPU threads; 4: oneDNN for blocks of rows on a CPU;
+5: the drafting heads in one matmul), so that costs cached by an earlier version are measured again."""
 
 
 def step_clock(device: torch.device):
