@@ -22,7 +22,7 @@ import statistics
 
 import torch
 from common import add_random_model_args, machine_description, markdown_table, random_model, today
-from decode import bench_step_costs, record_each_plan, timed
+from decode import STEP_STREAK, bench_step_costs, record_each_plan, timed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from multitoken.speculative import draft_depth
@@ -82,16 +82,20 @@ def record_steps(model, batch_size: int, position: int) -> dict[str, list[tuple]
 
 
 def replay_seconds(calls: dict[str, list[tuple]], repeats: int, device: str, clock: str) -> dict[str, float]:
-    """Median seconds to run each plan's recorded calls in order (the plans alternate)."""
+    """Median seconds to run each plan's recorded calls in order: streaks of STEP_STREAK timed runs after
+    an untimed one, the plans taking turns, as `bench_step_costs` times the steps."""
 
     def run(plan_calls):
         for func, args, kwargs in plan_calls:
             func(*args, **kwargs)
 
     seconds = {name: [] for name in calls}
-    for _ in range(repeats):
+    for _ in range(-(-repeats // STEP_STREAK)):
         for name, plan_calls in calls.items():
-            seconds[name].append(timed(lambda c=plan_calls: run(c), device, clock)[0])
+            for i in range(STEP_STREAK + 1):
+                took = timed(lambda c=plan_calls: run(c), device, clock)[0]
+                if i:
+                    seconds[name].append(took)
     return {name: statistics.median(s) for name, s in seconds.items()}
 
 

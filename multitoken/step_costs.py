@@ -32,7 +32,7 @@ CACHE_FILE_NAME = "step_costs.json"
 CALIBRATION_REPEATS = 5
 """Most timed rounds (after one warm-up round); each round times every plan once, in turns."""
 STEPS_PER_TIMING = 3
-"""Consecutive steps of a plan in one timing."""
+"""Consecutive steps of a plan in one timing, after one untimed step of it."""
 CALIBRATION_BUDGET_S = 0.4
 """After two timed rounds, further rounds run only while the measurement has taken less than this."""
 
@@ -53,7 +53,8 @@ def batch_bucket(batch_size: int) -> int:
 COST_MODEL_VERSION = 5
 """Bumped when decoding steps change cost or the way they are timed (2: attention over the cache
 slots in use; 3: the wall clock with several CPU threads; 4: oneDNN for blocks of rows on a CPU;
-5: the drafting heads in one matmul), so that costs cached by an earlier version are measured again."""
+5: the drafting heads in one matmul, and each plan timed warm), so that costs cached by an earlier
+version are measured again."""
 
 
 def step_clock(device: torch.device):
@@ -121,8 +122,11 @@ class StepCosts:
                 if repeat > 2 and time.perf_counter() - started > CALIBRATION_BUDGET_S:
                     break
                 for plan in plans:
-                    if repeat == 0 or max(batch.pos) + (STEPS_PER_TIMING + 1) * plan.block >= cache_len - 1:
+                    if repeat == 0 or max(batch.pos) + (STEPS_PER_TIMING + 2) * plan.block >= cache_len - 1:
                         prefill(batch, prompts)
+                    # Generation runs a plan for streaks of steps: time it warm, not just after another
+                    # plan has evicted part of its weights (a plain step then costs ~20% more on a CPU).
+                    decode_step(batch, plan, [plan.block] * B)
                     t0 = clock()
                     for _ in range(STEPS_PER_TIMING):
                         decode_step(batch, plan, [plan.block] * B)
