@@ -18,7 +18,7 @@ Deciding. Drafting must beat plain decoding by DRAFT_MARGIN, not by noise in the
 does, the choice among drafting plans is optimistic about the deeper heads in proportion to how
 little they have been seen (EXPLORE), so each gets tried rather than sitting at the prior. A step
 ages only the statistics of the heads it used. Once a plan has a few timed steps, their measured
-cost replaces the calibrated one.
+cost replaces the calibrated one, until the plan has not run for OBSERVED_MAX_AGE timed steps.
 
 Probing. While plain decoding wins, and some drafting plan could win if its drafts were all
 accepted, the policy probes now and then, at intervals that double while
@@ -86,6 +86,10 @@ TREE_SIZES = (4, 8, 16)
 """Non-root nodes of the sparse trees considered."""
 OBSERVED_WINDOW = 32
 """Measured steps kept per plan and batch size."""
+OBSERVED_MAX_AGE = 1024
+"""Timed steps after which a plan's measured cost, if the plan has not run since, gives way to the
+calibrated one again (and its old timings are dropped when it next runs): a burst of noise while a
+rarely chosen plan ran would otherwise set its price for good, and with it how often probes come."""
 OBSERVED_MIN = 8
 """Measured steps of a plan (and of the plain step) before they replace its calibrated cost: on a
 busy CPU one step's time varies by half of itself, so a median of fewer misleads more than the
@@ -226,6 +230,8 @@ class DraftPolicy:
         self.plan_counts: Counter[str] = Counter()
         self.observed: dict[tuple[str, int], deque[float]] = {}
         """Recent measured step times by (plan, batch size)."""
+        self._observed_at: dict[tuple[str, int], int] = {}
+        """The count of timed steps when each (plan, batch size) last ran."""
         self._best_cache: tuple[int, DraftPlan] | None = None
         self._seconds_cache: dict[tuple[str, int], float | None] = {}
         self._probe_cache: dict[tuple[int, bool, bool], tuple[bool, float, float]] = {}
@@ -354,7 +360,8 @@ class DraftPolicy:
 
         Once a plan and the plain step have OBSERVED_MIN timed steps each at this batch size, the
         median ratio of the two replaces the calibrated ratio (real steps can differ from the
-        calibration's: other trees, other cache lengths), anchored on the calibrated plain step.
+        calibration's: other trees, other cache lengths), anchored on the calibrated plain step,
+        while neither has gone OBSERVED_MAX_AGE timed steps without running.
         """
         calibrated = self.costs.seconds(plan_name, batch_size)
         plain_name = self.chains[0].name
@@ -364,11 +371,17 @@ class DraftPolicy:
 
     def _measured_ratio(self, plan_name: str, batch_size: int) -> float | None:
         """Median timed step of a plan over that of the plain step, once each has OBSERVED_MIN."""
-        seen = self.observed.get((plan_name, batch_size))
-        seen_plain = self.observed.get((self.chains[0].name, batch_size))
+        key, plain_key = (plan_name, batch_size), (self.chains[0].name, batch_size)
+        seen, seen_plain = self.observed.get(key), self.observed.get(plain_key)
         if not seen or not seen_plain or len(seen) < OBSERVED_MIN or len(seen_plain) < OBSERVED_MIN:
             return None
+        if self._stale(key) or self._stale(plain_key):
+            return None
         return statistics.median(seen) / statistics.median(seen_plain)
+
+    def _stale(self, key: tuple[str, int]) -> bool:
+        """Whether a plan's timings are more than OBSERVED_MAX_AGE timed steps old."""
+        return self._timed_steps - self._observed_at.get(key, self._timed_steps) > OBSERVED_MAX_AGE
 
     def new_text(self) -> None:
         """New prompts may be more predictable: probe at the first step where probes are cheap (a probe
@@ -409,11 +422,13 @@ class DraftPolicy:
         """
         if seconds is not None:
             key = (record.plan.name, batch_size)
-            if key not in self.observed:  # a plan's first step at a batch size warms up its kernels
+            if key not in self.observed or self._stale(key):
+                # A plan's first step at a batch size (or after a long pause) warms up its kernels.
                 self.observed[key] = deque(maxlen=OBSERVED_WINDOW)
             else:
                 self.observed[key].append(seconds)
             self._timed_steps += 1
+            self._observed_at[key] = self._timed_steps
             if self._timed_steps % COST_REFRESH_STEPS == 0:  # costs are re-read now and then
                 self._seconds_cache.clear()
                 self._probe_cache.clear()

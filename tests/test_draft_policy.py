@@ -10,7 +10,9 @@ from test_speculative import PARAMS, chi2_pvalue, exact_laws, make_stub, peaky, 
 
 from multitoken.decoding import DraftPlan, StepRecord
 from multitoken.draft_policy import (
+    COST_REFRESH_STEPS,
     FIRST_PROBE_INTERVAL,
+    OBSERVED_MAX_AGE,
     OBSERVED_MIN,
     DraftPolicy,
     expected_chain_tokens,
@@ -169,6 +171,26 @@ def test_measured_steps_replace_the_calibrated_costs():
     policy._seconds_cache.clear()
     assert policy.step_seconds("chain1", 1) == pytest.approx(3.0)
     assert policy.step_seconds("chain1", 8) is None  # other batch sizes keep their own figures
+
+
+def test_measured_costs_of_a_plan_not_run_for_long_give_way_to_the_calibration():
+    """A burst of noise while a rarely chosen plan ran must not set its price for good."""
+    policy = stub_policy()
+    record = StepRecord(DraftPlan.chain(1), [[1, 2]], [1], reached_J=[1], accepted_J=[1], proposed_J=[1])
+    plain = StepRecord(DraftPlan.chain(0), [[1]], [0])
+    for _ in range(OBSERVED_MIN + 1):
+        policy.observe(plain, 1, 0.002)
+        policy.observe(record, 1, 0.006)  # timed during a burst: 3x a plain step
+    policy._seconds_cache.clear()
+    assert policy.step_seconds("chain1", 1) == pytest.approx(3.0)
+    for _ in range(OBSERVED_MAX_AGE + COST_REFRESH_STEPS):  # a long stretch without chain1
+        policy.observe(plain, 1, 0.002)
+    assert policy.step_seconds("chain1", 1) == 1.1  # the calibrated cost again
+    for _ in range(OBSERVED_MIN + 1):  # chain1 runs again: only its new timings count
+        policy.observe(plain, 1, 0.002)
+        policy.observe(record, 1, 0.0024)
+    policy._seconds_cache.clear()
+    assert policy.step_seconds("chain1", 1) == pytest.approx(1.2)
 
 
 def test_default_policy_measures_costs_once_and_reuses_them(tmp_path, monkeypatch):
