@@ -413,7 +413,8 @@ class MultiTokenLM(nn.Module):
     def drafting_states(self, h_BD: Tensor, next_B: Tensor, n: int) -> Tensor:
         """z_BJD: drafting heads 1..n of a residual style at one position per row, from the trunk output
         there and the pending token after it; each is head_forward(j, h_BD, None, next_B), computed
-        for all n heads in one stacked matmul (`multitoken.draft_heads`)."""
+        for all n heads in one stacked matmul (`multitoken.draft_heads`). For decoding: the stacked
+        weights are a detached copy, so no gradient reaches the heads through it."""
         return FusedDraftHeads.for_model(self).states(h_BD, next_B, n)
 
     def head_tokens(self, index: int, tokens_BT: Tensor) -> Tensor | None:
