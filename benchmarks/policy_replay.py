@@ -66,9 +66,8 @@ def record_ranks(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[int
     h_1TD = model.trunk_forward(tokens_1T, rope)
     ranks_JT = []
     for j in range(model.config.n_future - 1):
-        logits_TV = model.logits(model.head_forward(j + 1, h_1TD, rope, model.head_tokens(j + 1, tokens_1T)))[
-            0
-        ]
+        z_1TD = model.head_forward(j + 1, h_1TD, rope, model.head_tokens(j + 1, tokens_1T))
+        logits_TV = model.logits(z_1TD)[0]
         ranks = [RANKS_TRACKED] * T
         for t in range(T - 2 - j):
             right = logits_TV[t, tokens_1T[0, t + 2 + j]]
@@ -161,7 +160,7 @@ def main() -> None:
     model, tokenizer = load_checkpoint(args.checkpoint, device="cpu")
     model = model.eval()
     if model.config.head_style not in RESIDUAL_HEAD_STYLES or model.config.n_future < 2:
-        raise SystemExit("replay needs drafting heads without a cache (linear or medusa)")
+        raise SystemExit("replay needs drafting heads without a cache (linear, medusa or conditioned)")
     prompts = [tokenizer.encode(p) for p in code_prompts(args.code_prompts_from, args.n_prompts)]
     recorded = [record_ranks(model, ids, args.max_new_tokens) for ids in prompts]
     overrides = dict(kv.split("=") for kv in args.costs.split(",") if kv)

@@ -153,9 +153,8 @@ def from_hf(
     model.reset_parameters(only=set(params) - loaded)  # heads the HF model has no weights for
     with torch.no_grad():
         for head in model.heads:
-            if isinstance(
-                head, LinearHead | ConditionedHead
-            ):  # x + SiLU(0) = x: a new head starts as the next-token one
+            # x + SiLU(0) = x: a new residual head starts as the next-token one
+            if isinstance(head, LinearHead | ConditionedHead):
                 head.proj.weight.zero_()
     return model.eval()
 
